@@ -1,0 +1,13 @@
+from .official import (
+    convert_official_classifier,
+    convert_official_discriminator,
+    convert_official_generator,
+    strip_wrapper_prefixes,
+)
+
+__all__ = [
+    "convert_official_classifier",
+    "convert_official_discriminator",
+    "convert_official_generator",
+    "strip_wrapper_prefixes",
+]

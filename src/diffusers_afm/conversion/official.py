@@ -1,0 +1,216 @@
+"""Load the authors' released checkpoints (the reference DiT layout) into our models.
+
+The reference layout (METHOD.md, "Reference checkpoint layout") differs from ours in three ways
+that matter: `qkv` is one fused Linear (we keep diffusers' separate `to_q/to_k/to_v`), the final
+adaLN emits (shift, scale) where diffusers' `AdaLayerNormContinuous` takes (scale, shift), and
+`pos_embed` is a stored copy of the fixed sin-cos table that we recompute (and check).
+"""
+
+import re
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..models import AdversarialFlowClassifier, AdversarialFlowDiscriminator, AdversarialFlowTransformer2DModel
+
+# (reference key pattern, our key template) shared by the three networks.
+_TRUNK_RULES = [
+    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"transformer_blocks.\1.ff.net.0.proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"transformer_blocks.\1.ff.net.2.\2"),
+    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.norm1.linear.\2"),
+]
+_QKV = re.compile(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)")
+_LABEL_KEY = "y_embedder.embedding_table.weight"
+_LABEL_RULE = (re.escape(_LABEL_KEY), "class_embedder.embedding_table.weight")
+
+
+def _time_rules(ref: str, ours: str) -> List[Tuple[str, str]]:
+    return [
+        (ref + r"\.mlp\.0\.(weight|bias)", ours + r".timestep_embedder.linear_1.\1"),
+        (ref + r"\.mlp\.2\.(weight|bias)", ours + r".timestep_embedder.linear_2.\1"),
+    ]
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """Reference final adaLN emits (shift, scale); diffusers' AdaLayerNormContinuous wants (scale, shift)."""
+    shift, scale = tensor.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+_GENERATOR_RULES = (
+    _TRUNK_RULES
+    + [_LABEL_RULE]
+    + _time_rules("t_embedder", "time_src_embed")
+    + _time_rules("t_tgt_embedder", "time_tgt_embed")
+    + [(r"final_layer\.linear\.(weight|bias)", r"proj_out.\1")]
+)
+_GENERATOR_TRANSFORMS = {r"final_layer\.adaLN_modulation\.1\.(weight|bias)": (r"norm_out.linear.\1", _swap_halves)}
+_DISCRIMINATOR_RULES = (
+    _TRUNK_RULES
+    + [_LABEL_RULE, (r"dis_embed", "token"), (r"final_layer\.1\.weight", "proj_out.weight")]
+    + _time_rules("t_embedder", "time_embed")
+)
+_CLASSIFIER_RULES = (
+    _TRUNK_RULES
+    + [(r"cls_embed", "token"), (r"final_layer\.1\.(weight|bias)", r"proj_out.\1")]
+    + _time_rules("t_embedder", "time_embed")
+)
+
+
+def strip_wrapper_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes a saved state dict may carry."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def _map_state_dict(
+    state_dict: Dict[str, torch.Tensor],
+    rules: List[Tuple[str, str]],
+    transforms: Dict[str, Tuple[str, Callable]],
+    model: torch.nn.Module,
+    num_classes: int,
+) -> Dict[str, torch.Tensor]:
+    """Rename reference keys to ours, check the key set and every shape against `model`."""
+    expected = model.state_dict()
+    converted: Dict[str, torch.Tensor] = {}
+    for ref_key, tensor in state_dict.items():
+        if ref_key == "pos_embed":
+            _check_pos_embed(tensor, model)
+            continue
+        targets = []
+        qkv = _QKV.fullmatch(ref_key)
+        if qkv:
+            block, kind = qkv.groups()
+            if tensor.shape[0] % 3:
+                raise ValueError(f"Checkpoint key `{ref_key}` has shape {tuple(tensor.shape)}; its first dim must split in 3.")
+            for name, part in zip(("to_q", "to_k", "to_v"), tensor.chunk(3, dim=0)):
+                targets.append((f"transformer_blocks.{block}.attn.{name}.{kind}", part))
+        else:
+            for pattern, (template, fn) in transforms.items():
+                if re.fullmatch(pattern, ref_key):
+                    targets.append((re.sub(pattern, template, ref_key), fn(tensor)))
+            for pattern, template in rules:
+                if re.fullmatch(pattern, ref_key):
+                    targets.append((re.sub(pattern, template, ref_key), tensor))
+        if ref_key == _LABEL_KEY and tensor.shape[0] == num_classes + 1:
+            # Trained with class dropout: the extra "null class" row is unused without CFG.
+            targets = [(targets[0][0], tensor[:num_classes])]
+        if not targets:
+            raise ValueError(f"Checkpoint key `{ref_key}` does not fit this model (no counterpart in {type(model).__name__}).")
+        for key, value in targets:
+            if key not in expected:
+                raise ValueError(f"Checkpoint key `{ref_key}` does not fit this model (it maps to `{key}`, which the config does not have).")
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise ValueError(
+                    f"Checkpoint key `{ref_key}` has shape {tuple(tensor.shape)}, which does not fit `{key}` of shape "
+                    f"{tuple(expected[key].shape)} under this config."
+                )
+            converted[key] = value
+    missing = [key for key in expected if key not in converted]
+    if missing:
+        raise ValueError(f"The checkpoint has no weights for `{missing[0]}` (and {len(missing) - 1} more) that this config needs.")
+    return converted
+
+
+def _check_pos_embed(tensor: torch.Tensor, model: torch.nn.Module) -> None:
+    ours = model.pos_embed.pos_embed
+    if tuple(tensor.shape) != tuple(ours.shape):
+        raise ValueError(f"Checkpoint key `pos_embed` has shape {tuple(tensor.shape)}, expected {tuple(ours.shape)}.")
+    if not torch.allclose(tensor.float(), ours.float(), atol=1e-5):
+        raise ValueError("Checkpoint key `pos_embed` is not the fixed 2-D sin-cos table this model computes.")
+
+
+def _trunk_config(
+    input_size: int,
+    patch_size: int,
+    in_channels: int,
+    hidden_size: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float = 4.0,
+    learn_sigma: bool = False,
+    class_dropout_prob: float = 0.0,
+) -> dict:
+    if learn_sigma:
+        raise ValueError("`learn_sigma=True` is not an AFM setting (AFM models predict no variance); allowed: False.")
+    if hidden_size % num_heads:
+        raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}).")
+    return dict(
+        sample_size=input_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        num_layers=depth,
+        num_attention_heads=num_heads,
+        attention_head_dim=hidden_size // num_heads,
+        mlp_ratio=mlp_ratio,
+    )
+
+
+def _load(model: torch.nn.Module, converted: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def convert_official_generator(
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    num_classes: int,
+    use_t_src: bool = False,
+    use_t_tgt: bool = False,
+    repeat: int = 1,
+    prediction_type: Optional[str] = None,
+    nfe: Optional[int] = -1,
+    **reference_kwargs,
+) -> AdversarialFlowTransformer2DModel:
+    """A reference `Generator` / `GeneratorDeep` state dict as an `AdversarialFlowTransformer2DModel`.
+
+    `reference_kwargs` are the reference constructor's (`input_size, patch_size, in_channels,
+    hidden_size, depth, num_heads, learn_sigma, class_dropout_prob`). `prediction_type` defaults to
+    x-prediction for a model without source time and v-prediction otherwise; `nfe` defaults to 1
+    without source time, to any-step (`None`) with a target time, and must be given otherwise.
+    """
+    if prediction_type is None:
+        prediction_type = "velocity" if use_t_src else "sample"
+    if nfe == -1:
+        if not use_t_src:
+            nfe = 1
+        elif use_t_tgt:
+            nfe = None
+        else:
+            raise ValueError("`nfe` is required for a multi-step checkpoint with use_t_src=True and use_t_tgt=False.")
+    model = AdversarialFlowTransformer2DModel(
+        **_trunk_config(**reference_kwargs),
+        num_classes=num_classes,
+        use_timestep_src=use_t_src,
+        use_timestep_tgt=use_t_tgt,
+        depth_repeat=repeat,
+        prediction_type=prediction_type,
+        nfe=nfe,
+    )
+    state_dict = strip_wrapper_prefixes(state_dict)
+    return _load(model, _map_state_dict(state_dict, _GENERATOR_RULES, _GENERATOR_TRANSFORMS, model, num_classes))
+
+
+def convert_official_discriminator(
+    state_dict: Dict[str, torch.Tensor], *, num_classes: int, use_t: bool = False, **reference_kwargs
+) -> AdversarialFlowDiscriminator:
+    """A reference `Discriminator` state dict as an `AdversarialFlowDiscriminator`."""
+    model = AdversarialFlowDiscriminator(**_trunk_config(**reference_kwargs), num_classes=num_classes, use_timestep=use_t)
+    state_dict = strip_wrapper_prefixes(state_dict)
+    return _load(model, _map_state_dict(state_dict, _DISCRIMINATOR_RULES, {}, model, num_classes))
+
+
+def convert_official_classifier(
+    state_dict: Dict[str, torch.Tensor], *, num_classes: int, **reference_kwargs
+) -> AdversarialFlowClassifier:
+    """A reference `Classifier` state dict as an `AdversarialFlowClassifier`."""
+    model = AdversarialFlowClassifier(**_trunk_config(**reference_kwargs), num_classes=num_classes)
+    state_dict = strip_wrapper_prefixes(state_dict)
+    return _load(model, _map_state_dict(state_dict, _CLASSIFIER_RULES, {}, model, num_classes))

@@ -1,0 +1,10 @@
+from .discriminator_afm import AdversarialFlowClassifier, AdversarialFlowDiscriminator
+from .transformer_afm import AFM_PRESETS, AdversarialFlowTransformer2DModel, preset_config
+
+__all__ = [
+    "AFM_PRESETS",
+    "AdversarialFlowClassifier",
+    "AdversarialFlowDiscriminator",
+    "AdversarialFlowTransformer2DModel",
+    "preset_config",
+]
