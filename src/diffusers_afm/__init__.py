@@ -11,8 +11,10 @@ from .models import (
     AdversarialFlowTransformer2DModel,
     preset_config,
 )
+from .pipelines import AFMPipeline
 
 __all__ = [
+    "AFMPipeline",
     "AFM_PRESETS",
     "AdversarialFlowClassifier",
     "AdversarialFlowDiscriminator",

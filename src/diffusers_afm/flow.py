@@ -5,7 +5,7 @@ place where the interpolation, the sampling time grid and the x-/v-prediction up
 the pipeline, the trainer's validation, the training losses and the toy experiments all call them.
 """
 
-from typing import Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -46,3 +46,26 @@ def generator_step(
             delta = delta.reshape(-1, *([1] * (sample.ndim - 1)))
         return sample + delta * model_output
     raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+
+
+def sample(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    num_steps: int,
+    prediction_type: str,
+    progress: Optional[Callable[[Iterable], Iterable]] = None,
+) -> torch.Tensor:
+    """N-step sampling from `z` (METHOD.md, "Sampling with N steps").
+
+    `model_fn(x_s, s, t)` is the generator with its conditioning bound, `s` and `t` one time per
+    sample; `progress` may wrap the step loop (e.g. a progress bar). N = 1 is a single forward.
+    """
+    grid = sampling_timesteps(num_steps, device=noise.device)
+    steps = range(num_steps) if progress is None else progress(range(num_steps))
+    sample_ = noise
+    for i in steps:
+        s = grid[i].expand(noise.shape[0])
+        t = grid[i + 1].expand(noise.shape[0])
+        output = model_fn(sample_, s, t)
+        sample_ = generator_step(output, sample_, s, t, prediction_type)
+    return sample_

@@ -1,0 +1,3 @@
+from .pipeline_afm import AFMPipeline
+
+__all__ = ["AFMPipeline"]
