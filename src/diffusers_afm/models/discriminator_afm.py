@@ -56,6 +56,10 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
             any-step models).
     """
 
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AFMTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+
     @register_to_config
     def __init__(
         self,
@@ -103,6 +107,10 @@ class AdversarialFlowClassifier(ModelMixin, ConfigMixin, AttentionMixin, AFMToke
         mlp_ratio: the trunk, as in `AdversarialFlowTransformer2DModel` (the paper uses B/2).
         num_classes (`int`, defaults to 1000): Number of output classes.
     """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AFMTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     @register_to_config
     def __init__(

@@ -113,10 +113,6 @@ class AFMTrunkMixin:
     `forward`, and `_init_trunk_weights` once when it is built from scratch.
     """
 
-    _supports_gradient_checkpointing = True
-    _no_split_modules = ["AFMTransformerBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
-
     def _init_trunk(
         self,
         sample_size: int,

@@ -64,6 +64,10 @@ class AdversarialFlowTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin,
             for (1, 2, 4, ...); `None` for an any-step model.
     """
 
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AFMTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+
     @register_to_config
     def __init__(
         self,
