@@ -76,7 +76,8 @@ def test_bf16_forward(index):
     with torch.no_grad():
         reference = _call(_models()[index].eval(), x.float(), y, t)
         out = _call(model, x, y, t)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # The discriminator and classifier read their token out in fp32 (finite-difference R1/R2 needs it).
+    assert out.dtype == (torch.bfloat16 if index == 0 else torch.float32) and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), reference, atol=0.05 * reference.abs().max().item() + 1e-2, rtol=0.05)
 
 

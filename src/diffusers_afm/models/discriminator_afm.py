@@ -14,6 +14,7 @@ from typing import Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import LabelEmbedding
@@ -41,7 +42,12 @@ class AFMTokenReadoutMixin(AFMTrunkMixin):
         token = self.token.to(hidden_states.dtype).expand(hidden_states.shape[0], 1, -1)
         hidden_states = torch.cat([token, hidden_states], dim=1)  # (N, 1 + T, D)
         hidden_states = self._run_blocks(hidden_states, temb)
-        return self.proj_out(self.norm_out(hidden_states[:, 0]))  # (N, out_features)
+        # The read-out runs in fp32 even under autocast: the approximated R1/R2 takes differences of
+        # nearby logits, which bf16's 8-bit mantissa would round away.
+        token = hidden_states[:, 0].float()
+        bias = self.proj_out.bias.float() if self.proj_out.bias is not None else None
+        with torch.autocast(device_type=token.device.type, enabled=False):
+            return F.linear(self.norm_out(token), self.proj_out.weight.float(), bias)  # (N, out_features)
 
 
 class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMTokenReadoutMixin):

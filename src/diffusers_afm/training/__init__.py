@@ -1,0 +1,39 @@
+"""The AFM training objective as small pure pieces, and the step that drives them (METHOD.md)."""
+
+from .augment import augment_pair
+from .ema import ModelEMA, unwrap
+from .grad_norm import GradientNormalization
+from .losses import (
+    classifier_guidance_loss,
+    discriminator_loss,
+    generator_loss,
+    ot_loss,
+    perturbed_batch_size,
+    relativistic_loss,
+)
+from .pairs import flow_weight, make_flow_pair, sample_timestep_pairs
+from .schedules import constant, cosine, linear, parse_schedule, sequence
+from .step import AFMObjective, AFMTrainingStep
+
+__all__ = [
+    "AFMObjective",
+    "AFMTrainingStep",
+    "GradientNormalization",
+    "ModelEMA",
+    "augment_pair",
+    "classifier_guidance_loss",
+    "constant",
+    "cosine",
+    "discriminator_loss",
+    "flow_weight",
+    "generator_loss",
+    "linear",
+    "make_flow_pair",
+    "ot_loss",
+    "parse_schedule",
+    "perturbed_batch_size",
+    "relativistic_loss",
+    "sample_timestep_pairs",
+    "sequence",
+    "unwrap",
+]

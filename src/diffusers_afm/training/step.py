@@ -1,0 +1,227 @@
+"""One AFM training iteration: a discriminator step, then a generator step (METHOD.md, "Losses").
+
+`AFMTrainingStep` is the only place where the networks, the losses and the optimizers meet; the
+example trainer, the toy experiments and the tests all call it. It is written for Accelerate
+(mixed precision, gradient accumulation, DDP/FSDP), and keeps the step lean:
+
+- the D step evaluates the real, the fake and both perturbed sub-batches in ONE discriminator call;
+- the G step evaluates `D(GN(fake))` and `D(real)` in one call, with the discriminator's
+  parameters frozen so no gradient is computed for them;
+- no value is moved to the host: the returned logs are tensors, read only when the caller logs.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import flow
+from .augment import augment_pair
+from .ema import ModelEMA, unwrap
+from .grad_norm import GradientNormalization
+from .losses import discriminator_loss, generator_loss, perturbed_batch_size
+from .pairs import flow_weight, make_flow_pair, sample_timestep_pairs
+from .schedules import constant
+
+Schedule = Callable[[int], float]
+
+
+@dataclass
+class AFMObjective:
+    """Every setting of the AFM objective; the defaults are the paper's for 1-NFE XL/2 (METHOD.md).
+
+    Schedules are functions of the training step counted as in the paper: D and G steps together,
+    so one `AFMTrainingStep` call advances them by 2.
+    """
+
+    nfe: Optional[int] = 1  # 1, K, or None for any-step
+    prediction_type: str = "sample"
+    ot_scale: Schedule = field(default_factory=lambda: constant(0.2))
+    gp_scale: float = 0.25
+    gp_eps: float = 0.01
+    gp_batch_ratio: float = 0.25
+    cp_scale: float = 0.01
+    augment_p: Schedule = field(default_factory=lambda: constant(0.0))
+    cg_scale: float = 0.0
+    # 1 NFE: the fake is re-noised to u ~ U(0, cg_max_time); multi-step: u = t where t <= cg_max_time.
+    cg_max_time: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("gp_scale", "cp_scale", "cg_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.gp_eps <= 0:
+            raise ValueError(f"`gp_eps` must be > 0, got {self.gp_eps}.")
+        if not 0.0 <= self.gp_batch_ratio <= 1.0:
+            raise ValueError(f"`gp_batch_ratio` must be in [0, 1], got {self.gp_batch_ratio}.")
+        if self.prediction_type not in flow.PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {flow.PREDICTION_TYPES}, got {self.prediction_type!r}.")
+        if self.cg_max_time is None:
+            self.cg_max_time = 0.1 if self.nfe == 1 else 0.49
+
+
+def _sample(output) -> torch.Tensor:
+    """Our transformer returns an output object; toy MLPs return a tensor."""
+    return output.sample if hasattr(output, "sample") else output
+
+
+class AFMTrainingStep:
+    """Drives one D step and one G step per call.
+
+    Args:
+        accelerator: the `accelerate.Accelerator` that prepared the networks and optimizers.
+        generator, discriminator: `G(x_s, c, s, t)` and `D(x, c, t)`, as prepared by the accelerator.
+        optimizer_g, optimizer_d: their optimizers (prepared).
+        objective: the loss settings.
+        grad_norm: the `GradientNormalization` module, or None to train without it.
+        ema: the generator's `ModelEMA`, updated after every G optimizer step with `ema_decay`.
+        max_grad_norm_g, max_grad_norm_d: gradient clipping (METHOD.md: 50 for 1 NFE, 5 multi-step/deep).
+        classifier: the frozen noisy-latent classifier for guidance (used when `cg_scale > 0`).
+        noise_generator: the `torch.Generator` (on the accelerator's device) for every random draw,
+            so a resumed run continues exactly; the caller checkpoints its state.
+    """
+
+    def __init__(
+        self,
+        accelerator,
+        generator: torch.nn.Module,
+        discriminator: torch.nn.Module,
+        optimizer_g: torch.optim.Optimizer,
+        optimizer_d: torch.optim.Optimizer,
+        objective: AFMObjective,
+        grad_norm: Optional[GradientNormalization] = None,
+        ema: Optional[ModelEMA] = None,
+        ema_decay: float = 0.9999,
+        max_grad_norm_g: Optional[float] = 50.0,
+        max_grad_norm_d: Optional[float] = 50.0,
+        classifier: Optional[torch.nn.Module] = None,
+        noise_generator: Optional[torch.Generator] = None,
+    ):
+        if objective.cg_scale > 0 and classifier is None:
+            raise ValueError("`cg_scale` > 0 needs a `classifier`.")
+        self.accelerator = accelerator
+        self.generator, self.discriminator = generator, discriminator
+        self.optimizer_g, self.optimizer_d = optimizer_g, optimizer_d
+        self.objective = objective
+        self.grad_norm = grad_norm
+        self.ema, self.ema_decay = ema, ema_decay
+        self.max_grad_norm_g, self.max_grad_norm_d = max_grad_norm_g, max_grad_norm_d
+        self.classifier = classifier.eval().requires_grad_(False) if classifier is not None else None
+        self.rng = noise_generator
+
+    def __call__(self, x0: torch.Tensor, class_labels: torch.LongTensor, step: int) -> Dict[str, torch.Tensor]:
+        """One iteration at iteration index `step` (0-based); returns the loss parts for logging."""
+        paper_step = 2 * step
+        with self.accelerator.accumulate(self.generator, self.discriminator):
+            logs = self.discriminator_step(x0, class_labels, paper_step)
+            logs.update(self.generator_step(x0, class_labels, paper_step + 1))
+        return logs
+
+    # ---------------------------------------------------------------- pieces
+    def _draw_pair(self, x0: torch.Tensor):
+        s, t = sample_timestep_pairs(x0.shape[0], self.objective.nfe, device=x0.device, generator=self.rng)
+        x_s, x_t_real = make_flow_pair(x0, s, t, generator=self.rng)
+        return s, t, x_s, x_t_real
+
+    def _generate(self, model, x_s, class_labels, s, t) -> torch.Tensor:
+        with self.accelerator.autocast():
+            output = _sample(model(x_s, class_labels, s, t))
+        return flow.generator_step(output.float(), x_s, s, t, self.objective.prediction_type)
+
+    def _clip(self, model, max_norm) -> Optional[torch.Tensor]:
+        if not self.accelerator.sync_gradients or not max_norm:
+            return None
+        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+    # ---------------------------------------------------------------- D step
+    def discriminator_step(self, x0: torch.Tensor, class_labels: torch.LongTensor, step: int) -> Dict[str, torch.Tensor]:
+        obj = self.objective
+        batch_size = x0.shape[0]
+        with torch.no_grad():
+            s, t, x_s, real = self._draw_pair(x0)
+            # The generator's forward needs no DDP wrapper here: nothing flows back to it.
+            fake = self._generate(unwrap(self.generator), x_s, class_labels, s, t)
+        real, fake = augment_pair(real, fake, obj.augment_p(step), generator=self.rng)
+
+        # Approximated R1/R2 on the first n samples: D(x + eps * noise) - D(x) replaces |grad_x D|.
+        n = perturbed_batch_size(batch_size, obj.gp_batch_ratio)
+        perturbation = obj.gp_eps * torch.randn((2 * n,) + x0.shape[1:], device=x0.device, generator=self.rng)
+        inputs = torch.cat([real, fake, real[:n] + perturbation[:n], fake[:n] + perturbation[n:]])
+        labels = torch.cat([class_labels, class_labels, class_labels[:n], class_labels[:n]])
+        times = torch.cat([t, t, t[:n], t[:n]])
+        with self.accelerator.autocast():
+            logits = self.discriminator(inputs, labels, times).float()
+        logits_real, logits_fake, logits_real_perturbed, logits_fake_perturbed = logits.split(
+            [batch_size, batch_size, n, n]
+        )
+        weight = flow_weight(s, t)
+        loss, logs = discriminator_loss(
+            logits_real, logits_fake, logits_real_perturbed, logits_fake_perturbed, weight[:n],
+            obj.gp_scale, obj.gp_eps, obj.cp_scale,
+        )
+        self.accelerator.backward(loss)
+        grad_norm = self._clip(self.discriminator, self.max_grad_norm_d)
+        if grad_norm is not None:
+            logs["grad_norm_d"] = grad_norm
+        self.optimizer_d.step()
+        self.optimizer_d.zero_grad(set_to_none=True)
+        return logs
+
+    # ---------------------------------------------------------------- G step
+    def generator_step(self, x0: torch.Tensor, class_labels: torch.LongTensor, step: int) -> Dict[str, torch.Tensor]:
+        obj = self.objective
+        batch_size = x0.shape[0]
+        with torch.no_grad():
+            s, t, x_s, real = self._draw_pair(x0)
+        fake = self._generate(self.generator, x_s, class_labels, s, t)
+
+        # The discriminator is only a critic here: frozen, and called without its DDP wrapper
+        # (its parameters take no gradient, so there is nothing to synchronise).
+        critic = unwrap(self.discriminator).requires_grad_(False)
+        try:
+            fake_for_critic = self.grad_norm(fake) if self.grad_norm is not None else fake
+            real, fake_for_critic = augment_pair(real, fake_for_critic, obj.augment_p(step), generator=self.rng)
+            with self.accelerator.autocast():
+                logits = critic(
+                    torch.cat([fake_for_critic, real]), torch.cat([class_labels, class_labels]), torch.cat([t, t])
+                ).float()
+            logits_fake, logits_real = logits.split([batch_size, batch_size])
+            ot_scale = obj.ot_scale(step)
+            loss, logs = generator_loss(logits_fake, logits_real, fake, x_s, flow_weight(s, t), ot_scale)
+            if obj.cg_scale > 0:
+                guidance = self._classifier_guidance(fake, class_labels, t)
+                loss = loss + obj.cg_scale * guidance
+                logs["loss_g"] = loss.detach()
+                logs["guidance"] = guidance.detach()
+            self.accelerator.backward(loss)
+        finally:
+            critic.requires_grad_(True)
+        grad_norm = self._clip(self.generator, self.max_grad_norm_g)
+        if grad_norm is not None:
+            logs["grad_norm_g"] = grad_norm
+        self.optimizer_g.step()
+        self.optimizer_g.zero_grad(set_to_none=True)
+        if self.ema is not None and self.accelerator.sync_gradients:
+            self.ema.update(self.generator, self.ema_decay)
+        logs["ot_scale"] = torch.tensor(ot_scale)
+        return logs
+
+    def _classifier_guidance(self, fake: torch.Tensor, class_labels: torch.LongTensor, t: torch.Tensor) -> torch.Tensor:
+        """`CE(C(interp(x_fake, z', u), u), c)` (METHOD.md, "Classifier guidance").
+
+        1 NFE: u ~ U(0, cg_max_time), the fake re-noised to u. Multi-step: u = t, counted only
+        where t <= cg_max_time (as a mask, so no data-dependent shapes and no host sync).
+        """
+        batch_size = fake.shape[0]
+        if self.objective.nfe == 1:
+            u = self.objective.cg_max_time * torch.rand(batch_size, device=fake.device, generator=self.rng)
+            mask = torch.ones_like(u)
+        else:
+            u = t
+            mask = (t <= self.objective.cg_max_time).float()
+        noise = torch.randn(fake.shape, device=fake.device, generator=self.rng)
+        with self.accelerator.autocast():
+            logits = self.classifier(flow.interpolate(fake, noise, u), u).float()
+        per_sample = F.cross_entropy(logits, class_labels, reduction="none")
+        return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
