@@ -1,0 +1,377 @@
+"""Adversarial flow models on low-dimensional distributions: does the OT term find the optimal map?
+
+Small MLP generators and discriminators are trained with the library's AFM training step (the same
+losses, (s, t) pairs, gradient normalization and EMA as the ImageNet trainer), then measured on
+fresh noise against exact optimal transport (diffusers_afm.evaluation.toy):
+
+    python examples/toy_afm.py --dataset 8gaussians --method afm --output results.json --plot map.png
+    python examples/toy_afm.py --dataset samples.npy --method afm --nfe 2
+    python examples/toy_afm.py --dataset checkerboard --method flow --flow_steps 100
+
+Methods: `afm` (METHOD.md's objective), `gan` (the same objective with `ot_scale` 0: any map that
+matches the data is as good as another) and `flow` (rectified flow matching with the same MLP,
+sampled with `--flow_steps` Euler steps), the baseline whose straight coupling AFM should reproduce
+in one step. benchmarks/toy_table.py runs all data sets, methods and seeds for docs/toy_experiments.md.
+"""
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from matplotlib import pyplot as plt
+
+from diffusers_afm import flow
+from diffusers_afm.evaluation.toy import (
+    GaussianMixture,
+    load_toy_dataset,
+    mean_distance,
+    mode_coverage,
+    quantile_map,
+    transport_cost,
+    wasserstein1_1d,
+    wasserstein2,
+)
+from diffusers_afm.training import AFMObjective, AFMTrainingStep, GradientNormalization, ModelEMA, constant
+
+METHODS = ("afm", "gan", "flow")
+# Evaluation noise and data come from their own stream, never the training one ("fresh noise").
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass
+class ToyConfig:
+    """Every setting of a toy run; the defaults are the ones of the table in docs/toy_experiments.md."""
+
+    dataset: str = "8gaussians"
+    method: str = "afm"
+    nfe: int = 1
+    steps: int = 4000
+    seed: int = 0
+    batch_size: int = 256
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    ot_scale: float = 0.2
+    hidden_size: int = 256
+    num_layers: int = 3
+    flow_steps: int = 100
+    # None: 2000 points in 2-D and up (exact EMD is O(N^3)), 100000 in 1-D (sorting): a 1-D W1 of
+    # 2000 points would carry ~0.04 of sampling noise, more than the 0.03 target.
+    eval_samples: Optional[int] = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        if self.nfe < 1:
+            raise ValueError(f"`nfe` must be a positive integer, got {self.nfe}.")
+
+
+# ------------------------------------------------------------------------------------------ models
+class ToyMLP(nn.Module):
+    """`num_layers` hidden SiLU layers of `hidden_size` units."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_size: int, num_layers: int):
+        super().__init__()
+        layers, width = [], in_features
+        for _ in range(num_layers):
+            layers += [nn.Linear(width, hidden_size), nn.SiLU()]
+            width = hidden_size
+        layers.append(nn.Linear(width, out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class ToyGenerator(nn.Module):
+    """`G(x_s, c, s, t)` for unconditional toy data: the class label is ignored.
+
+    As in the transformer, a 1-NFE model sees no time, a multi-step one sees `s` (`use_t_src`) and an
+    any-step one also `t` (`use_t_tgt`); here the times are extra input features.
+    """
+
+    def __init__(self, dim: int, hidden_size: int, num_layers: int, use_t_src: bool = False, use_t_tgt: bool = False):
+        super().__init__()
+        self.use_t_src, self.use_t_tgt = use_t_src, use_t_tgt
+        self.mlp = ToyMLP(dim + use_t_src + use_t_tgt, dim, hidden_size, num_layers)
+
+    def forward(self, hidden_states, class_labels, timestep_src, timestep_tgt) -> torch.Tensor:
+        features = [hidden_states]  # (N, D)
+        if self.use_t_src:
+            features.append(timestep_src[:, None].to(hidden_states.dtype))
+        if self.use_t_tgt:
+            features.append(timestep_tgt[:, None].to(hidden_states.dtype))
+        return self.mlp(torch.cat(features, dim=1))  # (N, D)
+
+
+class ToyDiscriminator(nn.Module):
+    """`D(x, c, t)` returning one logit per sample; `t` is a feature only for multi-step models."""
+
+    def __init__(self, dim: int, hidden_size: int, num_layers: int, use_t: bool = False):
+        super().__init__()
+        self.use_t = use_t
+        self.mlp = ToyMLP(dim + use_t, 1, hidden_size, num_layers)
+
+    def forward(self, hidden_states, class_labels, timestep) -> torch.Tensor:
+        features = [hidden_states]
+        if self.use_t:
+            features.append(timestep[:, None].to(hidden_states.dtype))
+        return self.mlp(torch.cat(features, dim=1))[:, 0]  # (N,)
+
+
+# ------------------------------------------------------------------------------------------ maps
+@dataclass
+class TrainedMap:
+    """A trained generator (its EMA weights) seen as the map from noise to data it defines."""
+
+    model: nn.Module
+    num_steps: int
+    prediction_type: str
+
+    @torch.no_grad()
+    def trajectory(self, noise: torch.Tensor) -> torch.Tensor:
+        """The points `z = x_1, x_{s1}, ..., x_0` the sampler visits, shape (num_steps + 1, N, D)."""
+        class_labels = torch.zeros(noise.shape[0], dtype=torch.long)
+        points = []
+
+        def model_fn(x_s, s, t):
+            points.append(x_s)
+            return self.model(x_s, class_labels, s, t)
+
+        points.append(flow.sample(model_fn, noise, self.num_steps, self.prediction_type))
+        return torch.stack(points)
+
+    def __call__(self, noise: torch.Tensor) -> torch.Tensor:
+        return self.trajectory(noise)[-1]
+
+
+def initial_map(config: ToyConfig, dim: int) -> TrainedMap:
+    """The untrained generator of a run (the same initial weights `train` starts from)."""
+    torch.manual_seed(config.seed)
+    multi_step = config.method == "flow" or config.nfe > 1
+    generator = ToyGenerator(dim, config.hidden_size, config.num_layers, use_t_src=multi_step)
+    if config.method == "flow":
+        return TrainedMap(generator, config.flow_steps, "velocity")
+    # METHOD.md: x-prediction for 1 NFE, v-prediction for multi-step.
+    return TrainedMap(generator, config.nfe, "velocity" if multi_step else "sample")
+
+
+# ------------------------------------------------------------------------------------------ training
+def _optimizer(model: nn.Module, config: ToyConfig) -> torch.optim.Optimizer:
+    # METHOD.md's AdamW (betas (0, 0.9), weight decay 0.01) at a toy learning rate.
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.0, 0.9), weight_decay=0.01)
+
+
+def train_adversarial(config: ToyConfig, dataset) -> TrainedMap:
+    """AFM (or, with `ot_scale` 0, the plain GAN) through the library's `AFMTrainingStep`."""
+    start = initial_map(config, dataset.dim)
+    generator = start.model
+    discriminator = ToyDiscriminator(dataset.dim, config.hidden_size, config.num_layers, use_t=config.nfe > 1)
+    optimizer_g, optimizer_d = _optimizer(generator, config), _optimizer(discriminator, config)
+    accelerator = Accelerator(cpu=True)
+    generator, discriminator, optimizer_g, optimizer_d = accelerator.prepare(
+        generator, discriminator, optimizer_g, optimizer_d
+    )
+    ema = ModelEMA(generator)
+    objective = AFMObjective(
+        nfe=config.nfe,
+        prediction_type=start.prediction_type,
+        ot_scale=constant(config.ot_scale if config.method == "afm" else 0.0),
+    )
+    step_fn = AFMTrainingStep(
+        accelerator, generator, discriminator, optimizer_g, optimizer_d, objective,
+        grad_norm=GradientNormalization(), ema=ema, ema_decay=config.ema_decay,
+        noise_generator=torch.Generator().manual_seed(config.seed + 1),
+    )
+    data_rng = torch.Generator().manual_seed(config.seed)
+    class_labels = torch.zeros(config.batch_size, dtype=torch.long)
+    for step in range(config.steps):
+        step_fn(dataset.sample(config.batch_size, data_rng), class_labels, step)
+    return TrainedMap(ema.model, start.num_steps, start.prediction_type)
+
+
+def flow_matching_loss(model: nn.Module, x0: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Rectified flow: regress `d/ds interp(x0, z, s) = z - x0` at `x_s`, `s ~ U(0, 1)` (the baseline)."""
+    noise = torch.randn(x0.shape, generator=rng)
+    s = torch.rand(x0.shape[0], generator=rng)
+    x_s = flow.interpolate(x0, noise, s)
+    class_labels = torch.zeros(x0.shape[0], dtype=torch.long)
+    return F.mse_loss(model(x_s, class_labels, s, s), noise - x0)
+
+
+def train_flow(config: ToyConfig, dataset) -> TrainedMap:
+    """Flow matching with the same MLP, optimizer, batch, steps and EMA as the adversarial runs."""
+    start = initial_map(config, dataset.dim)
+    model = start.model
+    optimizer = _optimizer(model, config)
+    ema = ModelEMA(model)
+    data_rng = torch.Generator().manual_seed(config.seed)
+    noise_rng = torch.Generator().manual_seed(config.seed + 1)
+    for _ in range(config.steps):
+        loss = flow_matching_loss(model, dataset.sample(config.batch_size, data_rng), noise_rng)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model, config.ema_decay)
+    return TrainedMap(ema.model, start.num_steps, start.prediction_type)
+
+
+def train(config: ToyConfig, dataset) -> TrainedMap:
+    return train_flow(config, dataset) if config.method == "flow" else train_adversarial(config, dataset)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def eval_samples(config: ToyConfig, dim: int) -> int:
+    if config.eval_samples is not None:
+        return config.eval_samples
+    return 100_000 if dim == 1 else 2000
+
+
+def evaluation_noise(config: ToyConfig, dim: int) -> torch.Tensor:
+    rng = torch.Generator().manual_seed(config.seed + EVAL_SEED_OFFSET)
+    return torch.randn((eval_samples(config, dim), dim), generator=rng)
+
+
+def evaluate(trained: TrainedMap, dataset, config: ToyConfig) -> Dict[str, float]:
+    """The metrics of the JSON (see diffusers_afm.evaluation.toy for which are W2 and which W2^2)."""
+    noise = evaluation_noise(config, dataset.dim)
+    num_samples = noise.shape[0]
+    fake = trained(noise)
+    # One draw split in two: `data` to score the generator, `reference` for the floor a perfect
+    # generator would reach at this sample size.
+    rng = torch.Generator().manual_seed(config.seed + EVAL_SEED_OFFSET + 1)
+    data, reference = dataset.sample(2 * num_samples, rng).split(num_samples)
+    metrics = {
+        "w2_to_data": wasserstein2(fake, data),
+        "w2_noise_floor": wasserstein2(reference, data),
+        "transport_cost": transport_cost(noise, fake),
+    }
+    if dataset.dim == 1:
+        # The unique optimal map in 1-D: exact for a known mixture, from sorted data otherwise.
+        optimal = dataset.quantile_map(noise) if isinstance(dataset, GaussianMixture) else quantile_map(noise, data)
+        metrics["ot_cost"] = transport_cost(noise, optimal)
+        metrics["map_error"] = mean_distance(fake, optimal)
+        metrics["w1_to_data"] = wasserstein1_1d(fake, data)
+        metrics["w1_noise_floor"] = wasserstein1_1d(reference, data)
+    else:
+        metrics["ot_cost"] = wasserstein2(noise, data) ** 2
+    if isinstance(dataset, GaussianMixture):
+        metrics["mode_coverage"] = mode_coverage(fake, dataset.means, dataset.weights, dataset.stds)
+        metrics["num_modes"] = len(dataset.weights)
+    return metrics
+
+
+def run(config: ToyConfig, dataset=None):
+    """Train and evaluate one configuration; returns the trained map and the JSON record."""
+    dataset = load_toy_dataset(config.dataset) if dataset is None else dataset
+    started = time.perf_counter()
+    trained = train(config, dataset)
+    train_seconds = time.perf_counter() - started
+    metrics = evaluate(trained, dataset, config)
+    metrics["train_seconds"] = train_seconds
+    metrics["seconds"] = time.perf_counter() - started
+    return trained, {"config": asdict(config), "metrics": metrics}
+
+
+# ------------------------------------------------------------------------------------------ figure
+def plot_maps(panels: Dict[str, torch.Tensor], data: torch.Tensor, path: str, num_points: int = 300) -> None:
+    """Where each noise point goes: one panel per title, from trajectories (num_steps + 1, N, D).
+
+    1-D: the paths over time (noise at t = 1 on the left, data at t = 0 on the right) next to the
+    data's histogram. 2-D: an arrow from each z to G(z) over the data; colours follow z's angle, so a
+    map that permutes or rotates the modes shows as mixed colours.
+    """
+    dim = data.shape[1]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, trajectory) in zip(axes[0], panels.items()):
+        trajectory = trajectory[:, :num_points].numpy()
+        if dim == 1:
+            _plot_paths_1d(ax, trajectory[..., 0], data[:, 0].numpy())
+        else:
+            _plot_arrows_2d(ax, trajectory[0], trajectory[-1], data.numpy())
+        ax.set_title(title, fontsize=10)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_paths_1d(ax, paths, data) -> None:
+    times = np.linspace(1.0, 0.0, paths.shape[0])
+    order = paths[0].argsort()
+    colours = plt.get_cmap("viridis")(np.linspace(0, 1, len(order)))
+    for colour, index in zip(colours, order):
+        ax.plot(times, paths[:, index], color=colour, linewidth=0.6, alpha=0.7)
+    density, edges = np.histogram(data, bins=120, density=True)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    # The data's density drawn sideways past t = 0, 0.25 wide at its peak.
+    ax.fill_betweenx(centres, 0.0, -0.25 * density / density.max(), color="0.6")
+    ax.set_xlim(1.02, -0.27)
+    ax.set_xlabel("t (1 = noise, 0 = data)")
+
+
+def _plot_arrows_2d(ax, noise, mapped, data) -> None:
+    ax.scatter(data[:, 0], data[:, 1], s=2, color="0.75", linewidths=0)
+    angle = np.arctan2(noise[:, 1], noise[:, 0])
+    ax.quiver(
+        noise[:, 0], noise[:, 1], mapped[:, 0] - noise[:, 0], mapped[:, 1] - noise[:, 1], angle,
+        cmap="hsv", norm=matplotlib.colors.Normalize(-math.pi, math.pi), angles="xy", scale_units="xy", scale=1, width=0.004, alpha=0.8,
+    )
+    ax.set_aspect("equal")
+    ax.set_xlim(-3.2, 3.2)
+    ax.set_ylim(-3.2, 3.2)
+
+
+def panel_title(method: str, metrics: Dict[str, float]) -> str:
+    ratio = metrics["transport_cost"] / metrics["ot_cost"]
+    return f"{method}: cost / OT = {ratio:.2f}, W2 = {metrics['w2_to_data']:.3f}"
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    defaults = ToyConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default=defaults.dataset, help="gmm1d, 8gaussians, checkerboard, moons or PATH.npy (N x D)")
+    parser.add_argument("--method", default=defaults.method, choices=METHODS)
+    parser.add_argument("--nfe", type=int, default=defaults.nfe, help="AFM sampling steps (1: x-prediction)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training iterations (one D and one G step each)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--ema_decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--ot_scale", type=float, default=defaults.ot_scale, help="weight of the OT term (afm only)")
+    parser.add_argument("--hidden_size", type=int, default=defaults.hidden_size)
+    parser.add_argument("--num_layers", type=int, default=defaults.num_layers)
+    parser.add_argument("--flow_steps", type=int, default=defaults.flow_steps, help="Euler steps of the flow baseline")
+    parser.add_argument("--eval_samples", type=int, default=None, help="default: 2000 (100000 in 1-D)")
+    parser.add_argument("--output", default=None, help="write the config and metrics to this JSON file")
+    parser.add_argument("--plot", default=None, help="save the figure of the learned map here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    config = ToyConfig(**{name: value for name, value in vars(args).items() if name not in ("output", "plot")})
+    dataset = load_toy_dataset(config.dataset)
+    trained, record = run(config, dataset)
+    print(json.dumps(record["metrics"], indent=2))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    if args.plot:
+        noise = evaluation_noise(config, dataset.dim)
+        data = dataset.sample(2000, torch.Generator().manual_seed(config.seed))
+        plot_maps({panel_title(config.method, record["metrics"]): trained.trajectory(noise)}, data, args.plot)
+
+
+if __name__ == "__main__":
+    main()
