@@ -27,7 +27,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.utils import make_image_grid
 
 from diffusers_afm import (
     AdversarialFlowClassifier,
@@ -36,6 +35,7 @@ from diffusers_afm import (
     AFMPipeline,
     preset_config,
 )
+from diffusers_afm.pipelines import class_grid
 from diffusers_afm.data import (
     ImageTransform,
     class_names,
@@ -46,7 +46,15 @@ from diffusers_afm.data import (
     random_flip,
 )
 from diffusers_afm.models.transformer_afm import AFM_PRESETS
-from diffusers_afm.training import AFMObjective, AFMTrainingStep, GradientNormalization, ModelEMA, constant, cosine
+from diffusers_afm.training import (
+    AFMObjective,
+    AFMTrainingStep,
+    GradientNormalization,
+    ModelEMA,
+    constant,
+    cosine,
+    ema_warmup,
+)
 from diffusers_afm.training.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from diffusers_afm.utils import atomic_directory, atomic_file, replace_path
 
@@ -64,6 +72,7 @@ DIGITS_DEFAULTS = dict(
     max_train_steps=3000,
     learning_rate=3e-4,
     ema_decay=0.999,
+    ema_warmup=True,
     ot_scale_end=0.02,
     ot_decay_steps=6000,
     checkpointing_steps=1000,
@@ -77,6 +86,7 @@ PAPER_DEFAULTS = dict(
     max_train_steps=500_000,
     learning_rate=1e-4,
     ema_decay=0.9999,
+    ema_warmup=False,
     ot_scale_end=0.005,
     ot_decay_steps=1_000_000,
     checkpointing_steps=5000,
@@ -153,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adam_weight_decay", type=float, default=0.01)
     p.add_argument("--max_grad_norm", type=float, default=None, help="Default: 50 (1 NFE), 5 (multi-step, deep).")
     p.add_argument("--ema_decay", type=float, default=None)
+    p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="Decay min(ema_decay, (1+n)/(10+n)) as diffusers' EMAModel; on for the digits default.")
     p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     p.add_argument("--allow_tf32", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -281,20 +293,6 @@ def load_vae(args, accelerator):
 
 
 # ----------------------------------------------------------------------------- outputs
-def sample_grid(pipeline, num_classes, args, seed):
-    """One row per class (up to --num_validation_classes, evenly spaced), from fixed noise."""
-    rows = min(num_classes, args.num_validation_classes)
-    classes = [round(i * num_classes / rows) for i in range(rows)]
-    labels = [c for c in classes for _ in range(args.num_validation_images)]
-    generator = torch.Generator().manual_seed(seed)
-    images = pipeline(class_labels=labels, generator=generator, output_type="pil").images
-    size = images[0].size[0]
-    if size < 64:  # tiny images (the digits) are enlarged so the grid is readable
-        scale = math.ceil(64 / size)
-        images = [im.resize((size * scale, size * scale), resample=0) for im in images]
-    return make_image_grid(images, rows=rows, cols=args.num_validation_images)
-
-
 def save_grid(grid, path):
     with atomic_file(path) as f:
         grid.save(f, format="PNG")
@@ -356,7 +354,7 @@ def save_pipeline(args, accelerator, ema, discriminator, vae, id2label, num_clas
     """The final AFMPipeline (EMA generator), the discriminator, a grid and a model card, each atomic."""
     pipeline = AFMPipeline(transformer=ema.model, vae=vae, id2label=id2label)
     pipeline.set_progress_bar_config(disable=True)
-    grid = sample_grid(pipeline, num_classes, args, args.seed)
+    grid = class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed)
     save_grid(grid, os.path.join(args.output_dir, "samples.png"))
     with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".pipeline-") as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
@@ -455,7 +453,7 @@ def train(args: argparse.Namespace) -> str:
     )
     train_step = AFMTrainingStep(
         accelerator, generator, discriminator, optimizer_g, optimizer_d, objective,
-        grad_norm=grad_norm, ema=ema, ema_decay=args.ema_decay,
+        grad_norm=grad_norm, ema=ema, ema_decay=ema_warmup(args.ema_decay) if args.ema_warmup else args.ema_decay,
         max_grad_norm_g=args.max_grad_norm, max_grad_norm_d=args.max_grad_norm,
         classifier=classifier, noise_generator=noise_generator,
     )
@@ -532,7 +530,7 @@ def train(args: argparse.Namespace) -> str:
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 pipeline = AFMPipeline(transformer=ema.model, vae=vae, id2label=id2label)
                 pipeline.set_progress_bar_config(disable=True)
-                grid = sample_grid(pipeline, num_classes, args, args.seed)
+                grid = class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed)
                 save_grid(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
                 log_grid(accelerator, grid, global_step)
     progress.close()

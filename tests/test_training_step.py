@@ -78,6 +78,12 @@ def test_each_step_updates_only_its_network():
     assert all(p.requires_grad for p in dis.parameters())  # and is trainable again
     assert any(not torch.equal(v, gen.state_dict()[k]) for k, v in g0.items())
     assert float(step.grad_norm.square_avg) > 0.0  # gradient normalization saw the adversarial gradient
+
+
+def test_ema_follows_each_iteration():
+    step, gen, _, ema = _setup()
+    g0 = {k: v.clone() for k, v in gen.state_dict().items()}
+    step(*_batch(), 0)
     # EMA with decay 0.5 is halfway between the initial and the new weights.
     name = "proj_out.weight"
     torch.testing.assert_close(ema.model.state_dict()[name], 0.5 * (g0[name] + gen.state_dict()[name]))

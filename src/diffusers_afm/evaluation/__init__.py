@@ -1,4 +1,5 @@
-"""Sample-quality metrics (FID, Inception Score, precision and recall) and their feature networks."""
+"""Sample-quality metrics (FID, Inception Score, precision and recall) and their feature networks;
+exact optimal-transport metrics and data sets of the toy experiments."""
 
 from .features import (
     TORCH_FIDELITY_WEIGHTS,
@@ -16,23 +17,53 @@ from .features import (
     torch_fidelity_inception,
 )
 from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from .toy import (
+    TOY_DATASETS,
+    Checkerboard,
+    GaussianMixture,
+    Moons,
+    SampleSet,
+    eight_gaussians,
+    gmm1d,
+    load_toy_dataset,
+    mean_distance,
+    mode_coverage,
+    quantile_map,
+    transport_cost,
+    wasserstein1_1d,
+    wasserstein2,
+)
 
 __all__ = [
     "TORCH_FIDELITY_WEIGHTS",
+    "TOY_DATASETS",
+    "Checkerboard",
     "FeatureExtractor",
+    "GaussianMixture",
     "ModuleFeatureExtractor",
+    "Moons",
+    "SampleSet",
     "TorchScriptFeatureExtractor",
     "compute_features",
+    "eight_gaussians",
     "feature_statistics",
     "frechet_distance",
+    "gmm1d",
     "images_from_folder",
     "inception_score",
     "load_feature_extractor",
+    "load_toy_dataset",
+    "mean_distance",
+    "mode_coverage",
     "precision_recall",
+    "quantile_map",
     "reference_statistics_from_dataset",
     "reference_statistics_from_folder",
     "reference_statistics_from_npz",
     "save_statistics",
     "to_unit_nchw",
     "torch_fidelity_inception",
+    "transport_cost",
+    "wasserstein1_1d",
+    "wasserstein2",
 ]

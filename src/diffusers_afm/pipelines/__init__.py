@@ -1,3 +1,3 @@
-from .pipeline_afm import AFMPipeline
+from .pipeline_afm import AFMPipeline, class_grid
 
-__all__ = ["AFMPipeline"]
+__all__ = ["AFMPipeline", "class_grid"]

@@ -211,3 +211,23 @@ class AFMPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+def class_grid(pipeline: AFMPipeline, num_rows: int = 10, per_class: int = 8, seed: int = 0, min_size: int = 64):
+    """A PIL grid with one row per class (up to `num_rows` classes, evenly spaced), from fixed noise.
+
+    Images smaller than `min_size` (the 8x8 digits) are enlarged with nearest-neighbour so the
+    grid is readable.
+    """
+    from diffusers.utils import make_image_grid
+
+    num_classes = pipeline.transformer.config.num_classes
+    rows = min(num_classes, num_rows)
+    classes = [i * num_classes // rows for i in range(rows)]
+    labels = [c for c in classes for _ in range(per_class)]
+    images = pipeline(class_labels=labels, generator=torch.Generator().manual_seed(seed), output_type="pil").images
+    size = images[0].size[0]
+    if size < min_size:
+        scale = -(-min_size // size)
+        images = [im.resize((size * scale, size * scale), resample=0) for im in images]
+    return make_image_grid(images, rows=rows, cols=per_class)

@@ -12,7 +12,7 @@ from .losses import (
     relativistic_loss,
 )
 from .pairs import flow_weight, make_flow_pair, sample_timestep_pairs
-from .schedules import constant, cosine, linear, parse_schedule, sequence
+from .schedules import constant, cosine, ema_warmup, linear, parse_schedule, sequence
 from .step import AFMObjective, AFMTrainingStep
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "constant",
     "cosine",
     "discriminator_loss",
+    "ema_warmup",
     "flow_weight",
     "generator_loss",
     "linear",

@@ -46,6 +46,15 @@ def cosine(start: float, end: float, steps: int) -> Schedule:
     return lambda step: end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * _progress(step, steps)))
 
 
+def ema_warmup(decay: float) -> Schedule:
+    """EMA decay `min(decay, (1 + n) / (10 + n))` after n updates (diffusers' `EMAModel` rule).
+
+    Early in a run the generator changes fast, and a fixed 0.999 would average in weights from
+    long ago; short runs (the digits default) use this, the paper's runs a constant decay.
+    """
+    return lambda step: min(float(decay), (1.0 + step) / (10.0 + step))
+
+
 def sequence(pieces: Sequence[Tuple[Schedule, int]]) -> Schedule:
     """Chain `(schedule, steps)` pieces; each sees its own local step, and the last one continues.
 

@@ -11,7 +11,7 @@ example trainer, the toy experiments and the tests all call it. It is written fo
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,8 @@ class AFMTrainingStep:
         optimizer_g, optimizer_d: their optimizers (prepared).
         objective: the loss settings.
         grad_norm: the `GradientNormalization` module, or None to train without it.
-        ema: the generator's `ModelEMA`, updated after every G optimizer step with `ema_decay`.
+        ema: the generator's `ModelEMA`, updated after every G optimizer step with `ema_decay`
+            (a number, or a schedule of the iteration, e.g. `ema_warmup(0.999)`).
         max_grad_norm_g, max_grad_norm_d: gradient clipping (METHOD.md: 50 for 1 NFE, 5 multi-step/deep).
         classifier: the frozen noisy-latent classifier for guidance (used when `cg_scale > 0`).
         noise_generator: the `torch.Generator` (on the accelerator's device) for every random draw,
@@ -92,7 +93,7 @@ class AFMTrainingStep:
         objective: AFMObjective,
         grad_norm: Optional[GradientNormalization] = None,
         ema: Optional[ModelEMA] = None,
-        ema_decay: float = 0.9999,
+        ema_decay: Union[float, Schedule] = 0.9999,
         max_grad_norm_g: Optional[float] = 50.0,
         max_grad_norm_d: Optional[float] = 50.0,
         classifier: Optional[torch.nn.Module] = None,
@@ -105,7 +106,8 @@ class AFMTrainingStep:
         self.optimizer_g, self.optimizer_d = optimizer_g, optimizer_d
         self.objective = objective
         self.grad_norm = grad_norm
-        self.ema, self.ema_decay = ema, ema_decay
+        self.ema = ema
+        self.ema_decay = ema_decay if callable(ema_decay) else constant(ema_decay)
         self.max_grad_norm_g, self.max_grad_norm_d = max_grad_norm_g, max_grad_norm_d
         self.classifier = classifier.eval().requires_grad_(False) if classifier is not None else None
         self.rng = noise_generator
@@ -116,6 +118,8 @@ class AFMTrainingStep:
         with self.accelerator.accumulate(self.generator, self.discriminator):
             logs = self.discriminator_step(x0, class_labels, paper_step)
             logs.update(self.generator_step(x0, class_labels, paper_step + 1))
+            if self.ema is not None and self.accelerator.sync_gradients:
+                self.ema.update(self.generator, self.ema_decay(step))
         return logs
 
     # ---------------------------------------------------------------- pieces
@@ -202,8 +206,6 @@ class AFMTrainingStep:
             logs["grad_norm_g"] = grad_norm
         self.optimizer_g.step()
         self.optimizer_g.zero_grad(set_to_none=True)
-        if self.ema is not None and self.accelerator.sync_gradients:
-            self.ema.update(self.generator, self.ema_decay)
         logs["ot_scale"] = torch.tensor(ot_scale)
         return logs
 
