@@ -71,3 +71,26 @@ def atomic_file(path: str, mode: str = "wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_pretrained_into(obj, folder: str, last: str) -> None:
+    """`obj.save_pretrained` into a folder that also holds other things (checkpoints, logs).
+
+    Written to a temporary folder inside `folder`, then moved in one rename per file or subfolder;
+    `last` (the file a loader reads first, e.g. `model_index.json`) moves once everything else is in place.
+    """
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".save-") as tmp:
+        obj.save_pretrained(tmp, safe_serialization=True)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == last):
+            replace_path(os.path.join(tmp, name), os.path.join(folder, name))
+
+
+def distributed_state():
+    """accelerate's `PartialState` (process index, count, device, barriers) for scripts that need no
+    `Accelerator`. It honours `ACCELERATE_USE_CPU` as `Accelerator` does: `PartialState` alone ignores
+    it, and then each of several CPU processes would believe it runs alone."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

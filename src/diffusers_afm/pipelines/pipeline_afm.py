@@ -213,13 +213,15 @@ class AFMPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
 
-def class_grid(pipeline: AFMPipeline, num_rows: int = 10, per_class: int = 8, seed: int = 0, min_size: int = 64):
+def class_grid(
+    pipeline: AFMPipeline, num_rows: int = 10, per_class: int = 8, seed: int = 0, min_size: int = 64, gap: int = 4
+):
     """A PIL grid with one row per class (up to `num_rows` classes, evenly spaced), from fixed noise.
 
-    Images smaller than `min_size` (the 8x8 digits) are enlarged with nearest-neighbour so the
-    grid is readable.
+    Images smaller than `min_size` (the 8x8 digits) are enlarged with nearest-neighbour, and a
+    `gap` of white separates them, so the grid is readable.
     """
-    from diffusers.utils import make_image_grid
+    import PIL.Image
 
     num_classes = pipeline.transformer.config.num_classes
     rows = min(num_classes, num_rows)
@@ -229,5 +231,10 @@ def class_grid(pipeline: AFMPipeline, num_rows: int = 10, per_class: int = 8, se
     size = images[0].size[0]
     if size < min_size:
         scale = -(-min_size // size)
-        images = [im.resize((size * scale, size * scale), resample=0) for im in images]
-    return make_image_grid(images, rows=rows, cols=per_class)
+        images = [im.resize((size * scale, size * scale), resample=PIL.Image.NEAREST) for im in images]
+    width, height = images[0].size
+    grid = PIL.Image.new("RGB", (per_class * (width + gap) - gap, rows * (height + gap) - gap), "white")
+    for k, image in enumerate(images):
+        row, col = divmod(k, per_class)
+        grid.paste(image.convert("RGB"), (col * (width + gap), row * (height + gap)))
+    return grid

@@ -1,6 +1,6 @@
 """The AFM training objective as small pure pieces, and the step that drives them (METHOD.md)."""
 
-from .augment import augment_pair
+from .augment import augment_pair, random_affine
 from .ema import ModelEMA, unwrap
 from .grad_norm import GradientNormalization
 from .losses import (
@@ -33,6 +33,7 @@ __all__ = [
     "ot_loss",
     "parse_schedule",
     "perturbed_batch_size",
+    "random_affine",
     "relativistic_loss",
     "sample_timestep_pairs",
     "sequence",

@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Train the noisy-input classifier `C(x_t, t)` that guides an Adversarial Flow Model (METHOD.md,
+"Classifier guidance"), with Accelerate.
+
+    # the embedded default: scikit-learn's digits in pixel space (CPU, minutes)
+    python examples/train_afm_classifier.py --output_dir afm-classifier-digits
+
+    # the paper's B/2 classifier on ImageNet 256 SD-VAE latents
+    accelerate launch examples/train_afm_classifier.py --config examples/configs/classifier_b2.json
+
+Cross-entropy on `x_t = interp(x0, z, t)` with `t ~ U(0, 1)`, after a random affine augmentation of
+`x0` with probability 0.8; AdamW (lr 1e-4, betas 0.9 / 0.95), EMA 0.9995. The data, the VAE, the
+Accelerate setup, `--config` / `--dry_run` and the atomic, resumable checkpoints are the generator
+trainer's (`diffusers_afm.training.runtime`, `.checkpoint`). The training accuracy is logged per
+noise-time bucket, since guidance only uses the classifier at small `t` (METHOD.md: t <= 0.1 at
+1 NFE, t <= 0.49 multi-step). The run ends with the EMA classifier saved in `--output_dir`, which
+`AdversarialFlowClassifier.from_pretrained` and `train_afm.py --classifier` load.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from diffusers.optimization import get_scheduler
+
+from diffusers_afm import AFM_PRESETS, AdversarialFlowClassifier, flow, preset_config
+from diffusers_afm.training import ModelEMA, ema_warmup
+from diffusers_afm.training.augment import random_affine
+from diffusers_afm.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from diffusers_afm.training.runtime import (
+    DEFAULT_VAE,
+    DIGITS_MODEL,
+    add_data_arguments,
+    add_run_arguments,
+    apply_defaults,
+    check_model_spec,
+    check_run_arguments,
+    epoch_batches,
+    flag_error,
+    host_values,
+    init_trackers,
+    load_training_data,
+    parse_with_config,
+    print_settings,
+    resolved_settings,
+    setup_accelerator,
+    trunk_config,
+    uses_embedded_digits,
+)
+from diffusers_afm.utils import atomic_file, save_pretrained_into
+
+logger = get_logger(__name__)
+
+DIGITS_DEFAULTS = dict(
+    resolution=8,
+    train_batch_size=64,
+    max_train_steps=1000,
+    learning_rate=1e-3,
+    ema_decay=0.999,
+    ema_warmup=True,
+    checkpointing_steps=500,
+    logging_steps=50,
+    random_flip=False,  # a mirrored digit is another glyph
+    vae="none",
+)
+PAPER_DEFAULTS = dict(
+    resolution=256,
+    train_batch_size=32,
+    max_train_steps=200_000,  # not stated in METHOD.md
+    learning_rate=1e-4,
+    ema_decay=0.9995,
+    ema_warmup=False,
+    checkpointing_steps=5000,
+    logging_steps=500,
+    random_flip=True,
+    vae=DEFAULT_VAE,
+)
+
+
+# ----------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train the noisy-input classifier for AFM classifier guidance.")
+    add_data_arguments(p)
+    p.add_argument("--model_config", default=None,
+                   help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file; default B/2 (digits: a small model).")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--augment_p", type=float, default=0.8, help="Probability of the random affine augmentation.")
+    p.add_argument("--learning_rate", type=float, default=None)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.95)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0, help="Not stated in METHOD.md; 0 as in DiT.")
+    p.add_argument("--max_grad_norm", type=float, default=None, help="Clipping; off by default (not stated in METHOD.md).")
+    p.add_argument("--ema_decay", type=float, default=None)
+    p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--num_time_buckets", type=int, default=5, help="Accuracy is logged per equal-width bucket of t.")
+    p.add_argument("--logging_steps", type=int, default=None, help="Steps over which each accuracy log is averaged.")
+    add_run_arguments(p, output_dir="afm-classifier")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = parse_with_config(build_parser(), argv)
+    args.embedded_digits = uses_embedded_digits(args)
+    apply_defaults(args, DIGITS_DEFAULTS if args.embedded_digits else PAPER_DEFAULTS)
+    check_run_arguments(args)
+    check_model_spec("model_config", args.model_config)
+    for flag in ("learning_rate", "adam_epsilon"):
+        if getattr(args, flag) <= 0:
+            raise flag_error(flag, getattr(args, flag), "a number > 0")
+    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
+        raise flag_error("max_grad_norm", args.max_grad_norm, "a number > 0, or leave it out (no clipping)")
+    if not 0 <= args.augment_p <= 1:
+        raise flag_error("augment_p", args.augment_p, "a number in [0, 1]")
+    if not 0 <= args.ema_decay < 1:
+        raise flag_error("ema_decay", args.ema_decay, "a number in [0, 1)")
+    for flag in ("num_time_buckets", "logging_steps"):
+        if getattr(args, flag) < 1:
+            raise flag_error(flag, getattr(args, flag), "an integer >= 1")
+    if not args.dry_run:
+        if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+            raise flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
+        if args.resume_from_checkpoint not in (None, "latest"):
+            resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    return args
+
+
+def settings(args: argparse.Namespace) -> dict:
+    return resolved_settings(args, build_parser())
+
+
+# ----------------------------------------------------------------------------- pieces
+def noisy_batch(x0: torch.Tensor, augment_p: float, generator: torch.Generator):
+    """`(x_t, t)`: `x0` augmented, then `x_t = interp(x0, z, t)` with `t ~ U(0, 1)` (METHOD.md)."""
+    x0 = random_affine(x0, augment_p, generator=generator)
+    t = torch.rand(x0.shape[0], device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    return flow.interpolate(x0, noise, t), t
+
+
+def bucket_names(num_buckets: int):
+    return [f"t_{i / num_buckets:.2f}-{(i + 1) / num_buckets:.2f}" for i in range(num_buckets)]
+
+
+def save_classifier(args, ema, step, accuracy):
+    """The EMA classifier into `--output_dir` (loadable with `from_pretrained`), and a short card."""
+    save_pretrained_into(ema.model, args.output_dir, last="config.json")
+    card = f"""# AFM guidance classifier
+
+An `AdversarialFlowClassifier` `C(x_t, t)` (EMA weights) trained for {step} steps with
+`examples/train_afm_classifier.py`. Use it for guided AFM training:
+`python examples/train_afm.py --classifier {args.output_dir} ...`.
+
+Training accuracy by noise time over the last {args.logging_steps} steps: {json.dumps(accuracy)}
+
+## Training settings
+
+```json
+{json.dumps(settings(args), indent=2, sort_keys=True)}
+```
+"""
+    with atomic_file(os.path.join(args.output_dir, "README.md"), "w") as f:
+        f.write(card)
+
+
+# ----------------------------------------------------------------------------- training
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        print_settings(settings(args))
+        return None
+    return train(args)
+
+
+def train(args: argparse.Namespace) -> str:
+    accelerator = setup_accelerator(args)
+
+    # 1. Data and the VAE (as the generator trainer reads them)
+    data = load_training_data(args, accelerator)
+
+    # 2. The classifier, its optimizer and EMA
+    trunk = trunk_config(args.model_config, DIGITS_MODEL if args.embedded_digits else preset_config("B/2"))
+    classifier = AdversarialFlowClassifier(
+        **trunk, sample_size=data.sample_size, in_channels=data.in_channels, num_classes=data.num_classes
+    )
+    if args.gradient_checkpointing:
+        classifier.enable_gradient_checkpointing()
+    logger.info(f"classifier {classifier.num_parameters() / 1e6:.2f}M parameters, {data.num_classes} classes")
+    adamw = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
+    if torch.cuda.is_available():
+        adamw["fused"] = True
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, **adamw)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                              num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                              num_training_steps=args.max_train_steps * accelerator.num_processes)
+    classifier, optimizer, dataloader, scheduler = accelerator.prepare(classifier, optimizer, data.dataloader, scheduler)
+    ema = ModelEMA(classifier)
+    ema_decay = ema_warmup(args.ema_decay) if args.ema_warmup else (lambda step: args.ema_decay)
+    noise_generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    # 3. Resume
+    global_step = 0
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if resume_path is not None:
+        global_step = load_checkpoint(accelerator, resume_path, ema, None, noise_generator)
+        logger.info(f"Resumed from {resume_path} at step {global_step}")
+    init_trackers(accelerator, "train_afm_classifier", settings(args))
+
+    # 4. Train
+    from tqdm.auto import tqdm
+
+    names = bucket_names(args.num_time_buckets)
+    # Correct and seen counts per time bucket, on the device (read once per logging interval).
+    correct = torch.zeros(args.num_time_buckets, device=accelerator.device)
+    seen = torch.zeros(args.num_time_buckets, device=accelerator.device)
+    accuracy = {}
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    batches = epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps)
+    for batch in batches:
+        if global_step >= args.max_train_steps:
+            break
+        labels = batch["class_labels"]
+        with accelerator.accumulate(classifier):
+            x0 = data.encode(batch["pixel_values"], noise_generator)
+            x_t, t = noisy_batch(x0, args.augment_p, noise_generator)
+            with accelerator.autocast():
+                logits = classifier(x_t, t).float()
+            loss = F.cross_entropy(logits, labels)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(classifier.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        bucket = (t * args.num_time_buckets).long().clamp(max=args.num_time_buckets - 1)
+        correct += torch.bincount(bucket, weights=(logits.argmax(-1) == labels).float(), minlength=args.num_time_buckets)
+        seen += torch.bincount(bucket, minlength=args.num_time_buckets)
+        if not accelerator.sync_gradients:
+            continue
+        ema.update(classifier, ema_decay(global_step))
+        global_step += 1
+        progress.update(1)
+
+        values = host_values({"loss": loss.detach()}, global_step, args.output_dir)
+        values["lr"] = scheduler.get_last_lr()[0]
+        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+            # Summed over processes, so every rank logs the same numbers.
+            counts = accelerator.reduce(torch.stack([correct, seen]), reduction="sum").tolist()
+            accuracy = {name: round(c / n, 4) for name, c, n in zip(names, *counts) if n > 0}
+            values.update({f"accuracy/{name}": value for name, value in accuracy.items()})
+            logger.info(f"step {global_step}: loss {values['loss']:.4f}, accuracy by noise time {accuracy}")
+            correct.zero_()
+            seen.zero_()
+        accelerator.log(values, step=global_step)
+        progress.set_postfix(loss=f"{values['loss']:.3f}")
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(accelerator, args.output_dir, global_step, ema, None, noise_generator,
+                            args.checkpoints_total_limit)
+    progress.close()
+
+    # 5. The EMA classifier, loadable with from_pretrained
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_classifier(args, ema, global_step, accuracy)
+        logger.info(f"Saved the EMA classifier to {args.output_dir}")
+    accelerator.end_training()
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    try:
+        arguments = parse_args()
+    except ValueError as err:  # a bad flag or config: say which, before any work is done
+        sys.exit(f"error: {err}")
+    if arguments.dry_run:
+        print_settings(settings(arguments))
+        sys.exit(0)
+    train(arguments)
