@@ -11,6 +11,7 @@ same flips and latents from the same generator (`cached_latents`).
 """
 
 import io
+import json
 import logging
 import os
 from typing import Callable, Dict, List, Optional, Tuple
@@ -18,6 +19,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import PIL.Image
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .utils import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +245,11 @@ def encode_cache_batch(vae, pixel_values: torch.Tensor) -> Dict[str, torch.Tenso
 
 
 def _collate_with_gaps(examples: List[Dict]) -> Dict[str, list]:
-    return {"pixel_values": [ex["pixel_values"] for ex in examples], "class_labels": [int(ex["class_labels"]) for ex in examples]}
+    """A batch as lists, unreadable images (None) included, so that each keeps its row."""
+    return {
+        "pixel_values": [ex["pixel_values"] for ex in examples],
+        "class_labels": [int(ex["class_labels"]) for ex in examples],
+    }
 
 
 def write_latent_cache_shard(
@@ -259,10 +268,6 @@ def write_latent_cache_shard(
     An unreadable image keeps its row (zeros, `valid` = 0), so that row i of the cache is row i of
     the dataset: a trainer's sampler then visits the same images in the same order either way.
     """
-    from safetensors.torch import save
-
-    from .utils import atomic_file
-
     start = shard_index * shard_size
     rows = range(start, min(start + shard_size, len(dataset)))
     loader = torch.utils.data.DataLoader(
@@ -287,7 +292,7 @@ def write_latent_cache_shard(
         tensors[key] = full
     path = os.path.join(cache_dir, latent_cache_shard_name(shard_index))
     with atomic_file(path) as f:
-        f.write(save(tensors))
+        f.write(safetensors_bytes(tensors))
     return path
 
 
@@ -310,15 +315,15 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache_dir: str):
-        import json
-
         path = os.path.join(cache_dir, LATENT_CACHE_INFO)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{cache_dir} is not a latent cache: it has no {LATENT_CACHE_INFO}.")
         with open(path) as f:
             self.info = json.load(f)
         if not self.info.get("complete"):
-            raise ValueError(f"the latent cache in {cache_dir} is incomplete; run cache_latents.py again with the same flags to finish it.")
+            raise ValueError(
+                f"the latent cache in {cache_dir} is incomplete; run cache_latents.py again with the same flags to finish it."
+            )
         self.cache_dir = cache_dir
         self.shard_size = self.info["shard_size"]
         self.num_images = self.info["num_images"]
@@ -347,9 +352,14 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         if resolution is not None and resolution != self.info["resolution"]:
             raise ValueError(f"latent cache {name} holds {self.info['resolution']} px images; `--resolution` is {resolution}.")
         if self.latent_shape[1] * down != self.info["resolution"]:
-            raise ValueError(f"latent cache {name}: latents of side {self.latent_shape[1]} do not fit this VAE's {down}x downsampling.")
+            raise ValueError(
+                f"latent cache {name}: latents of side {self.latent_shape[1]} do not fit this VAE's {down}x downsampling."
+            )
         if num_classes is not None and num_classes < self.num_classes:
-            raise ValueError(f"latent cache {name} holds labels up to {self.num_classes - 1}, outside the model's classes 0..{num_classes - 1}.")
+            raise ValueError(
+                f"latent cache {name} holds labels up to {self.num_classes - 1}, "
+                f"outside the model's classes 0..{num_classes - 1}."
+            )
         dtype = str(vae.dtype).replace("torch.", "")
         if dtype != self.info["dtype"]:
             logger.warning(
@@ -363,8 +373,6 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     def _shard(self, shard_index: int):
         # Opened lazily, in the process that reads (DataLoader workers open their own).
         if shard_index not in self._shards:
-            from safetensors import safe_open
-
             self._shards[shard_index] = safe_open(self._shard_path(shard_index), framework="pt")
         return self._shards[shard_index]
 
@@ -402,7 +410,9 @@ def collate_latents(examples: List[Optional[Dict]]) -> Dict[str, torch.Tensor]:
     }
 
 
-def select_flip(cache_batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None, p: float = 0.5) -> Dict[str, torch.Tensor]:
+def select_flip(
+    cache_batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None, p: float = 0.5
+) -> Dict[str, torch.Tensor]:
     """Pick each sample's flipped posterior with probability `p`, drawing exactly what
     `random_flip(pixels, generator, p)` draws (one uniform per sample, on the batch's device), so the
     generator is left in the same state and the same images are flipped.
@@ -426,7 +436,10 @@ def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: Optional[
 
 
 def cached_latents(
-    cache_batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None, random_flip: bool = True, p: float = 0.5
+    cache_batch: Dict[str, torch.Tensor],
+    generator: Optional[torch.Generator] = None,
+    random_flip: bool = True,
+    p: float = 0.5,
 ) -> torch.Tensor:
     """Latents (B, C, h, w) of a `collate_latents` batch (moved to the device), unscaled, as on the fly:
     the flips (when `random_flip`), then one posterior draw, both from `generator`.
@@ -437,5 +450,6 @@ def cached_latents(
     if random_flip:
         cache_batch = select_flip(cache_batch, generator, p)
     else:
-        cache_batch = dict(cache_batch, latent_mean=cache_batch["latent_mean"][:, 0], latent_std=cache_batch["latent_std"][:, 0])
+        cache_batch = dict(cache_batch, latent_mean=cache_batch["latent_mean"][:, 0],
+                           latent_std=cache_batch["latent_std"][:, 0])
     return sample_posterior(cache_batch["latent_mean"], cache_batch["latent_std"], generator)

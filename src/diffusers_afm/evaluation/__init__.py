@@ -1,6 +1,16 @@
 """Sample-quality metrics (FID, Inception Score, precision and recall) and their feature networks;
-exact optimal-transport metrics and data sets of the toy experiments."""
+sampling at scale and whole evaluations of a pipeline or of images; exact optimal-transport
+metrics and data sets of the toy experiments."""
 
+from .evaluate import (
+    ReferenceStatistics,
+    compute_metrics,
+    evaluate_images,
+    evaluate_pipeline,
+    format_table,
+    load_reference,
+    save_results,
+)
 from .features import (
     TORCH_FIDELITY_WEIGHTS,
     FeatureExtractor,
@@ -17,6 +27,16 @@ from .features import (
     torch_fidelity_inception,
 )
 from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from .sampling import (
+    generate_images,
+    iter_npz_images,
+    plan_batches,
+    read_npz_labels,
+    sample_class_labels,
+    sample_seed,
+    to_uint8_rgb,
+    write_samples_npz,
+)
 from .toy import (
     TOY_DATASETS,
     Checkerboard,
@@ -42,28 +62,43 @@ __all__ = [
     "GaussianMixture",
     "ModuleFeatureExtractor",
     "Moons",
+    "ReferenceStatistics",
     "SampleSet",
     "TorchScriptFeatureExtractor",
     "compute_features",
+    "compute_metrics",
     "eight_gaussians",
+    "evaluate_images",
+    "evaluate_pipeline",
     "feature_statistics",
+    "format_table",
     "frechet_distance",
+    "generate_images",
     "gmm1d",
     "images_from_folder",
     "inception_score",
+    "iter_npz_images",
     "load_feature_extractor",
+    "load_reference",
     "load_toy_dataset",
     "mean_distance",
     "mode_coverage",
+    "plan_batches",
     "precision_recall",
     "quantile_map",
+    "read_npz_labels",
     "reference_statistics_from_dataset",
     "reference_statistics_from_folder",
     "reference_statistics_from_npz",
+    "sample_class_labels",
+    "sample_seed",
+    "save_results",
     "save_statistics",
+    "to_uint8_rgb",
     "to_unit_nchw",
     "torch_fidelity_inception",
     "transport_cost",
     "wasserstein1_1d",
     "wasserstein2",
+    "write_samples_npz",
 ]
