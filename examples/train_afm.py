@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation_steps", type=int, default=None, help="Sample grid of the EMA generator every N steps.")
     p.add_argument("--num_validation_classes", type=int, default=10)
     p.add_argument("--num_validation_images", type=int, default=8, help="Per class (one grid row per class).")
+    p.add_argument("--eval_steps", type=int, default=None, help="FID/IS/precision/recall of the EMA generator every N steps.")
+    p.add_argument("--eval_num_samples", type=int, default=10000)
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--eval_reference", default=None, help="Reference .npz (ADM batch or mu/sigma) or image folder.")
+    p.add_argument("--eval_feature_extractor", default="inception",
+                   help="'inception' (torch-fidelity, the 'fid' extra) or a TorchScript feature network file.")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
@@ -197,6 +203,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("learning_rate", "discriminator_learning_rate", "gp_eps", "max_grad_norm"):
         if getattr(args, flag) <= 0:
             fail(flag, "a number > 0")
+    for flag in ("eval_num_samples", "eval_batch_size") + (("eval_steps",) if args.eval_steps is not None else ()):
+        if getattr(args, flag) < 1:
+            fail(flag, "an integer >= 1")
     for flag in ("validation_steps", "depth_repeat", "ot_decay_steps"):
         if getattr(args, flag) < 1:
             fail(flag, "an integer >= 1")
@@ -230,6 +239,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_input_paths(args: argparse.Namespace) -> None:
+    if args.latent_cache is not None and not os.path.isfile(os.path.join(args.latent_cache, "cache_info.json")):
+        raise flag_error("latent_cache", args.latent_cache, "a folder written by examples/cache_latents.py")
+    if args.eval_steps is not None and not os.path.exists(args.eval_reference or ""):
+        raise flag_error("eval_reference", args.eval_reference,
+                         "a reference .npz (ADM batch or mu/sigma), a statistics file or an image folder")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
     if args.classifier is not None and not os.path.isfile(os.path.join(args.classifier, "config.json")):
@@ -472,6 +486,13 @@ def train(args: argparse.Namespace) -> str:
     elif args.resume_from_checkpoint == "latest":
         logger.info("No checkpoint to resume from yet; starting a new run.")
     init_trackers(accelerator, "train_afm", settings(args))
+    evaluation = None
+    if args.eval_steps is not None:
+        from diffusers_afm.evaluation import evaluate_pipeline, load_feature_extractor, load_reference
+
+        extractor = load_feature_extractor(args.eval_feature_extractor, device=accelerator.device)
+        reference = load_reference(args.eval_reference, extractor) if accelerator.is_main_process else None
+        evaluation = (evaluate_pipeline, extractor, reference)
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"{len(data.dataset)} images, {data.num_classes} classes, batch {total_batch}, {args.max_train_steps} steps")
 
@@ -485,7 +506,7 @@ def train(args: argparse.Namespace) -> str:
     for batch in batches:
         if global_step >= args.max_train_steps:
             break
-        x0 = data.encode(batch["pixel_values"], noise_generator)
+        x0 = data.latents(batch, noise_generator)
         logs = train_step(x0, batch["class_labels"], global_step)
         for scheduler in schedulers:
             scheduler.step()  # prepared by Accelerate: it steps only when the optimizers did
@@ -516,6 +537,16 @@ def train(args: argparse.Namespace) -> str:
             grid = class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed)
             save_grid(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
             log_grid(accelerator, grid, global_step)
+        if evaluation is not None and global_step % args.eval_steps == 0:
+            # On every process: the samples are sharded and their features gathered.
+            evaluate, extractor, reference = evaluation
+            pipeline = AFMPipeline(transformer=ema.model, vae=data.vae, id2label=data.id2label)
+            pipeline.set_progress_bar_config(disable=True)
+            metrics = evaluate(pipeline, reference, extractor, num_samples=args.eval_num_samples,
+                               batch_size=args.eval_batch_size, seed=args.seed, accelerator=accelerator)
+            if accelerator.is_main_process:
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)
+                logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     progress.close()
     statistic = float(grad_norm.square_avg) if grad_norm is not None else None
     logger.info(f"rank {accelerator.process_index} finished: step {global_step}, grad-norm statistic {statistic!r}",

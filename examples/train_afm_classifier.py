@@ -225,7 +225,7 @@ def train(args: argparse.Namespace) -> str:
             break
         labels = batch["class_labels"]
         with accelerator.accumulate(classifier):
-            x0 = data.encode(batch["pixel_values"], noise_generator)
+            x0 = data.latents(batch, noise_generator)
             x_t, t = noisy_batch(x0, args.augment_p, noise_generator)
             with accelerator.autocast():
                 logits = classifier(x_t, t).float()

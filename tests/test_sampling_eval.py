@@ -289,3 +289,35 @@ def test_missing_inception_weights_name_the_file_and_the_flag(tmp_path, capsys):
                                  "--inception_path", str(missing)])
     error = capsys.readouterr().err
     assert "--inception_path" in error and str(missing) in error and "file not found" in error
+
+
+def test_trainer_evaluates_every_eval_steps(tmp_path, feature_net, caplog):
+    """--eval_steps runs the same evaluation as evaluate_afm.py on the EMA generator and logs it."""
+    import logging
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import train_afm
+    from diffusers_afm.data import digits_dataset
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i, image in enumerate(digits_dataset("test")["image"][:24]):
+        image.convert("RGB").save(reference / f"{i}.png")
+    caplog.set_level(logging.INFO)
+    train_afm.main(["--output_dir", str(tmp_path / "run"), "--model_config", str(REPO / "tests" / "fixtures" / "tiny_model.json"),
+                    "--train_batch_size", "16", "--max_train_steps", "4", "--report_to", "none",
+                    "--num_validation_images", "1", "--eval_steps", "2", "--eval_num_samples", "20",
+                    "--eval_batch_size", "10", "--eval_reference", str(reference),
+                    "--eval_feature_extractor", feature_net])
+    import re
+
+    steps = [re.search(r"step (\d+): num_samples 20, fid [0-9.e+-]+", r.getMessage()) for r in caplog.records]
+    assert [int(m.group(1)) for m in steps if m] == [2, 4]
+
+
+def test_trainer_rejects_a_missing_eval_reference(tmp_path):
+    sys.path.insert(0, str(REPO / "examples"))
+    import train_afm
+
+    with pytest.raises(ValueError, match="--eval_reference"):
+        train_afm.main(["--output_dir", str(tmp_path / "run"), "--eval_steps", "2"])

@@ -101,9 +101,10 @@ class AFMTransformerBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
-        hidden_states = hidden_states + gate_msa.unsqueeze(1) * self.attn(norm_hidden_states)
-        norm_hidden_states = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        return hidden_states + gate_mlp.unsqueeze(1) * self.ff(norm_hidden_states)
+        # addcmul(a, b, c) = a + b * c in one pass over memory (eager mode fuses nothing by itself).
+        hidden_states = torch.addcmul(hidden_states, gate_msa.unsqueeze(1), self.attn(norm_hidden_states))
+        norm_hidden_states = torch.addcmul(shift_mlp[:, None], self.norm2(hidden_states), 1 + scale_mlp[:, None])
+        return torch.addcmul(hidden_states, gate_mlp.unsqueeze(1), self.ff(norm_hidden_states))
 
 
 class AFMTrunkMixin:
@@ -150,7 +151,9 @@ class AFMTrunkMixin:
             )
         if hidden_states.shape[-1] % patch_size or hidden_states.shape[-2] % patch_size:
             raise ValueError(f"`hidden_states` height and width must be multiples of patch_size={patch_size}.")
-        return self.pos_embed(hidden_states)  # (N, T, D), positions added
+        # PatchEmbed returns a transposed view of its convolution's output. Made contiguous once here,
+        # or every residual add would keep that layout and every LayerNorm would copy it back.
+        return self.pos_embed(hidden_states).contiguous()  # (N, T, D), positions added
 
     def _run_blocks(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         for block in self.transformer_blocks:

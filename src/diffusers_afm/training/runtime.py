@@ -24,6 +24,9 @@ import torch
 from ..data import (
     EMBEDDED_DIGITS,
     ImageTransform,
+    LatentCacheDataset,
+    cached_latents,
+    collate_latents,
     class_names,
     collate,
     infer_num_classes,
@@ -70,6 +73,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--vae", default=None, help=f"Local folder or Hub id (default {DEFAULT_VAE}); 'none' = pixel space.")
     p.add_argument("--vae_scaling_factor", type=float, default=None, help="Default: the VAE's config (0.18215).")
+    p.add_argument("--latent_cache", default=None,
+                   help="A folder written by examples/cache_latents.py: train from it, without the VAE encoder.")
 
 
 def add_run_arguments(p: argparse.ArgumentParser, output_dir: str) -> None:
@@ -107,11 +112,25 @@ def check_run_arguments(args: argparse.Namespace) -> None:
 
 
 def uses_embedded_digits(args: argparse.Namespace) -> bool:
-    return args.dataset_name in (None, EMBEDDED_DIGITS) and args.train_data_dir is None
+    return args.dataset_name in (None, EMBEDDED_DIGITS) and args.train_data_dir is None and args.latent_cache is None
+
+
+def apply_cache_defaults(args: argparse.Namespace) -> None:
+    """With `--latent_cache`, `--vae` and `--resolution` default to what the cache was written with."""
+    info_path = os.path.join(args.latent_cache or "", "cache_info.json")
+    if args.latent_cache is None or not os.path.isfile(info_path):
+        return
+    with open(info_path) as f:
+        info = json.load(f)
+    if args.vae is None:
+        args.vae = info["vae"]
+    if args.resolution is None:
+        args.resolution = info["resolution"]
 
 
 def apply_defaults(args: argparse.Namespace, defaults: Dict) -> None:
-    """Fill every flag still `None` from `defaults` (the digits' or the paper's)."""
+    """Fill every flag still `None` from the latent cache, then from `defaults` (the digits' or the paper's)."""
+    apply_cache_defaults(args)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -273,6 +292,15 @@ class TrainingData:
     sample_size: int  # the model's input side (latent side with a VAE)
     in_channels: int
     random_flip: bool
+    latent_cache: bool = False
+
+    @torch.no_grad()
+    def latents(self, batch: Dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """A batch of the loader -> `x0`. From a latent cache, the flips and the posterior samples are
+        drawn from `generator` exactly as `encode` draws them, so both paths train the same way."""
+        if self.latent_cache:
+            return cached_latents(batch, generator, random_flip=self.random_flip).float() * self.scaling_factor
+        return self.encode(batch["pixel_values"], generator)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -285,8 +313,36 @@ class TrainingData:
         return latents.float() * self.scaling_factor
 
 
+def load_cached_training_data(args: argparse.Namespace, accelerator) -> TrainingData:
+    """Batches of a latent cache (`examples/cache_latents.py`); the VAE is loaded for its decoder only."""
+    cache = LatentCacheDataset(args.latent_cache)
+    vae = load_vae(args.vae, accelerator)
+    num_classes = args.num_classes or cache.num_classes
+    cache.check_compatible(vae, args.resolution, num_classes)
+    dataloader = torch.utils.data.DataLoader(
+        cache, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate_latents,
+        num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed),
+    )
+    if len(dataloader) == 0:
+        raise ValueError(f"`--train_batch_size` {args.train_batch_size} is larger than the cache ({len(cache)} images).")
+    return TrainingData(
+        dataset=cache,
+        dataloader=dataloader,
+        num_classes=num_classes,
+        id2label=cache.id2label,
+        vae=vae,
+        scaling_factor=args.vae_scaling_factor or vae.config.scaling_factor,
+        sample_size=cache.latent_shape[1],
+        in_channels=cache.latent_shape[0],
+        random_flip=args.random_flip,
+        latent_cache=True,
+    )
+
+
 def load_training_data(args: argparse.Namespace, accelerator) -> TrainingData:
     """Load, check and batch the training images; load the VAE. Every label is checked up front."""
+    if args.latent_cache is not None:
+        return load_cached_training_data(args, accelerator)
     dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     num_classes = infer_num_classes(dataset, args.label_column, args.num_classes)
     names = class_names(dataset, args.label_column)
