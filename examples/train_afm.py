@@ -68,7 +68,7 @@ from diffusers_afm.training.runtime import (
     trunk_config,
     uses_embedded_digits,
 )
-from diffusers_afm.utils import atomic_directory, atomic_file, save_pretrained_into
+from diffusers_afm.utils import atomic_directory, atomic_file, parse_nfe, save_pretrained_into
 
 logger = get_logger(__name__)
 
@@ -104,18 +104,6 @@ PAPER_DEFAULTS = dict(
 
 
 # ----------------------------------------------------------------------------- arguments
-def parse_nfe(value):
-    if str(value).lower() == "any":
-        return None
-    try:
-        nfe = int(value)
-    except ValueError:
-        nfe = 0
-    if nfe < 1:
-        raise argparse.ArgumentTypeError(f"--nfe must be a positive integer or 'any', got {value!r}")
-    return nfe
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an Adversarial Flow Model.")
     add_data_arguments(p)

@@ -1,5 +1,6 @@
 """Small helpers shared by the library and the example scripts: writing outputs atomically."""
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -94,3 +95,20 @@ def distributed_state():
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+class FlagValueError(ValueError, argparse.ArgumentTypeError):
+    """A bad command-line value: a `ValueError` to Python callers, argparse's own message on the command line."""
+
+
+def parse_nfe(value) -> "int | None":
+    """`--nfe`: a positive number of steps, or `'any'` (returned as None) for an any-step model."""
+    if str(value).lower() == "any":
+        return None
+    try:
+        nfe = int(value)
+    except ValueError:
+        nfe = 0
+    if nfe < 1:
+        raise FlagValueError(f"`--nfe` must be a positive integer or 'any', got {value!r}.")
+    return nfe

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import torch
 
 from ..models.transformer_afm import AFM_PRESETS
-from ..utils import atomic_save_pretrained
+from ..utils import atomic_save_pretrained, parse_nfe
 from .official import convert_official_generator, strip_wrapper_prefixes
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
@@ -107,18 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to the Hub as --hub_model_id.")
     parser.add_argument("--hub_model_id", default=None)
     return parser
-
-
-def parse_nfe(value: str) -> Optional[int]:
-    if str(value).lower() == "any":
-        return None
-    try:
-        nfe = int(value)
-    except ValueError:
-        nfe = 0
-    if nfe < 1:
-        raise ValueError(f"`--nfe` must be a positive integer or 'any', got {value!r}.")
-    return nfe
 
 
 def main(argv=None) -> str:
