@@ -143,7 +143,7 @@ def main(argv=None) -> None:
                 maps.append(trained)
                 runs.append(record)
             # One noise for every seed, so the maps are compared point by point.
-            noise = toy_afm.evaluation_noise(toy_afm.ToyConfig(seed=args.seeds[0]), dataset.dim)
+            noise = toy_afm.evaluation_noise(toy_afm.ToyConfig(seed=args.seeds[0]), dataset)
             results[f"{dataset_name}/{method}"] = {"runs": runs, "seed_disagreement": seed_agreement(maps, noise)}
             panels[toy_afm.panel_title(method, runs[0]["metrics"])] = maps[0].trajectory(noise)
         data = dataset.sample(2000, torch.Generator().manual_seed(args.seeds[0]))

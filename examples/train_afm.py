@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth_repeat", type=int, default=1,
                    help="Deep 1-NFE models: 2 (56 layers) or 4 (112); the generator's lr is divided by it.")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each network's transformer block in place (the first steps compile).")
     p.add_argument("--init_from", default=None,
                    help="A finished run's output_dir: start from its EMA generator (transformer/) and discriminator/.")
     # Objective (METHOD.md)
@@ -443,7 +445,13 @@ def train(args: argparse.Namespace) -> str:
     generator, discriminator, optimizer_g, optimizer_d, train_dataloader, *schedulers = accelerator.prepare(
         generator, discriminator, optimizer_g, optimizer_d, data.dataloader, *schedulers
     )
-    ema = ModelEMA(generator)
+    ema = ModelEMA(generator)  # from the uncompiled model
+    if args.compile:
+        # The block code runs in a few shapes per step (G with and without gradient, D on two batch
+        # sizes, the classifier), each one compiled graph: more than torch's default recompile limit.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        for model in (generator, discriminator) + ((classifier,) if classifier is not None else ()):
+            accelerator.unwrap_model(model).compile_repeated_blocks(fullgraph=True, dynamic=False)
     grad_norm = GradientNormalization().to(accelerator.device) if args.grad_norm else None
     noise_generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
     objective = AFMObjective(

@@ -64,9 +64,13 @@ def test_save_load_round_trip(index, tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
     loaded = type(model).from_pretrained(tmp_path).eval()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
     x, y, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0.7, 0.3])
     with torch.no_grad():
-        assert torch.equal(_call(model, x, y, t), _call(loaded, x, y, t))
+        # Not bit-for-bit: the loaded weights are memory-mapped at other alignments, and CPU matrix
+        # kernels may then round their last bit differently.
+        torch.testing.assert_close(_call(model, x, y, t), _call(loaded, x, y, t), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])

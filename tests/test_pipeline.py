@@ -156,6 +156,38 @@ def test_step_count_and_input_errors_name_the_argument():
         pipe(class_labels=[0, 1], generator=[_seeded()])
 
 
+
+def test_cuda_graph_needs_a_cuda_device():
+    """Capturing needs a GPU (benchmarks/sampling.py --cuda_graph runs and checks it there)."""
+    with pytest.raises(RuntimeError, match="CUDA device.*pipe.to"):
+        _pipe().enable_cuda_graph(batch_size=2)
+
+
+def test_captured_graph_serves_only_its_batch_size(tiny_vae_dir):
+    """Which calls a captured graph serves, with a stand-in for the graph (capture needs a GPU)."""
+    from diffusers import AutoencoderKL
+
+    pipe = _pipe(vae=AutoencoderKL.from_pretrained(tiny_vae_dir))
+    calls = []
+
+    class StandIn:
+        batch_size = 2
+
+        def __call__(self, latents, class_ids):
+            calls.append(latents.shape[0])
+            return pipe._decode(pipe._denoise(latents, class_ids, 1))
+
+    z = torch.randn(3, 4, 8, 8)
+    eager = pipe(class_labels=[0, 1], latents=z[:2], output_type="pt").images
+    pipe._cuda_graph = StandIn()
+    torch.testing.assert_close(pipe(class_labels=[0, 1], latents=z[:2], output_type="pt").images, eager)
+    pipe(class_labels=[0, 1, 2], latents=z, output_type="pt")
+    pipe(class_labels=[0, 1], latents=z[:2], output_type="latent")
+    assert calls == [2]
+    pipe.disable_cuda_graph()
+    pipe(class_labels=[0, 1], latents=z[:2], output_type="pt")
+    assert calls == [2]
+
 def test_flow_helpers():
     assert torch.allclose(flow.sampling_timesteps(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     x0, z = torch.randn(2, 3), torch.randn(2, 3)

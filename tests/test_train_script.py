@@ -160,3 +160,12 @@ def test_two_processes(tmp_path):
     assert (out / "checkpoint-4" / "noise_rng_1.safetensors").exists()
     pipe = AFMPipeline.from_pretrained(out)
     assert pipe(class_labels=[1], output_type="np").images.shape == (1, 8, 8, 1)
+
+
+def test_compile_flag_trains_and_saves(tmp_path):
+    """--compile compiles each transformer block in place: same parameter names, a loadable pipeline."""
+    out = tmp_path / "run"
+    _train(out, "--max_train_steps", "2", "--compile", "--num_validation_classes", "2")
+    pipe = AFMPipeline.from_pretrained(out)
+    assert all("_orig_mod" not in k for k in pipe.transformer.state_dict())
+    assert pipe(class_labels=[0], output_type="np").images.shape == (1, 8, 8, 1)

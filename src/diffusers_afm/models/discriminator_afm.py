@@ -64,6 +64,7 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AFMTransformerBlock"]
+    _repeated_blocks = ["AFMTransformerBlock"]  # `compile_repeated_blocks()`: compile one block, not the stack
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     @register_to_config
@@ -116,6 +117,7 @@ class AdversarialFlowClassifier(ModelMixin, ConfigMixin, AttentionMixin, AFMToke
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AFMTransformerBlock"]
+    _repeated_blocks = ["AFMTransformerBlock"]  # `compile_repeated_blocks()`: compile one block, not the stack
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     @register_to_config

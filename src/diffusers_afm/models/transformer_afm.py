@@ -66,6 +66,7 @@ class AdversarialFlowTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin,
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AFMTransformerBlock"]
+    _repeated_blocks = ["AFMTransformerBlock"]  # `compile_repeated_blocks()`: compile one block, not the stack
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     @register_to_config

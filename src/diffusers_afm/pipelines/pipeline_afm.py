@@ -2,6 +2,10 @@
 
 A 1-NFE model is one generator forward pass from noise to a latent (or pixel) image, then the VAE
 decode; multi-step and any-step models apply the step rule of `diffusers_afm.flow` N times.
+
+Fast sampling on a GPU (docs/performance.md): load in bf16 (`dtype=torch.bfloat16`), put the VAE in
+channels-last (`pipe.vae.to(memory_format=torch.channels_last)`), and for 1-NFE sampling at a fixed
+batch size capture the whole sample as a CUDA graph with `pipe.enable_cuda_graph(batch_size)`.
 """
 
 import difflib
@@ -62,6 +66,7 @@ class AFMPipeline(DiffusionPipeline):
                     self._name_to_ids.setdefault(_normalize_name(name), []).append(class_id)
         vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
+        self._cuda_graph = None
 
     # ------------------------------------------------------------------ labels
     @property
@@ -141,6 +146,57 @@ class AFMPipeline(DiffusionPipeline):
         noise = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
         return torch.cat(noise).to(device)
 
+    # ------------------------------------------------------------------ generate and decode
+    def _denoise(self, latents: torch.Tensor, class_ids: torch.LongTensor, num_inference_steps: int) -> torch.Tensor:
+        """The generator's steps from the noise `latents` (float32) to the final latents (float32)."""
+        dtype = self.transformer.dtype
+
+        def model_fn(x, s, t):
+            return self.transformer(x.to(dtype), class_ids, s, t).sample.float()
+
+        progress = self.progress_bar if num_inference_steps > 1 else None
+        return flow.sample(model_fn, latents, num_inference_steps, self.transformer.config.prediction_type, progress)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [-1, 1], decoded in the VAE's dtype (and memory format); pixel-space
+        models return their latents."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+
+    @torch.no_grad()
+    def enable_cuda_graph(self, batch_size: int) -> None:
+        """Capture 1-NFE sampling of `batch_size` images (the generator's forward pass and the VAE
+        decode) as one CUDA graph, replayed by later calls.
+
+        A replay launches all of the sample's kernels at once, which removes eager mode's per-kernel
+        launch cost (large at small batch sizes). Calls with exactly `batch_size` labels, one step and
+        an image output use the graph; any other call runs as usual. The graph reads the weights
+        where they are: loading new weights in place is seen, but after moving the pipeline or
+        changing its dtype, call this again. Not for CPU-offloaded pipelines.
+        `disable_cuda_graph()` drops it.
+        """
+        device = self._execution_device
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"`enable_cuda_graph` needs the pipeline on a CUDA device, but it is on {device}; "
+                "move it first with `pipe.to('cuda')`."
+            )
+        config = self.transformer.config
+        if allowed_num_inference_steps(config) not in (1, None):
+            raise ValueError(f"`enable_cuda_graph` is for 1-step sampling; this model samples in {config.nfe} steps.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        self._cuda_graph = _CUDAGraphSampler(
+            lambda latents, class_ids: self._decode(self._denoise(latents, class_ids, 1)),
+            torch.zeros(shape, device=device),
+            torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    def disable_cuda_graph(self) -> None:
+        self._cuda_graph = None
+
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(
@@ -187,30 +243,46 @@ class AFMPipeline(DiffusionPipeline):
         else:
             latents = self.prepare_latents(batch_size, generator, device)
 
-        # 1. Generator steps (one forward pass for a 1-NFE model)
-        dtype = self.transformer.dtype
-
-        def model_fn(x, s, t):
-            return self.transformer(x.to(dtype), class_ids, s, t).sample.float()
-
-        progress = self.progress_bar if num_inference_steps > 1 else None
-        latents = flow.sample(model_fn, latents, num_inference_steps, config.prediction_type, progress)
-
-        # 2. Decode
-        if output_type == "latent":
-            image = latents
+        # 1. Generator steps (one forward pass for a 1-NFE model), 2. decode; a captured CUDA graph
+        #    (`enable_cuda_graph`) replays both at once for its batch size.
+        graph = self._cuda_graph
+        if graph is not None and output_type != "latent" and num_inference_steps == 1 and batch_size == graph.batch_size:
+            image = graph(latents, class_ids)
         else:
-            if self.vae is not None:
-                latents = latents / self.vae.config.scaling_factor
-                image = self.vae.decode(latents.to(self.vae.dtype)).sample
-            else:
-                image = latents
+            latents = self._denoise(latents, class_ids, num_inference_steps)
+            image = latents if output_type == "latent" else self._decode(latents)
+        if output_type != "latent":
             image = self.image_processor.postprocess(image.float(), output_type=output_type)
 
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+class _CUDAGraphSampler:
+    """`fn(latents, class_ids)` captured as one CUDA graph over static input buffers of a fixed batch size."""
+
+    def __init__(self, fn, latents: torch.Tensor, class_ids: torch.LongTensor, warmup: int = 2):
+        self.batch_size = latents.shape[0]
+        self.latents, self.class_ids = latents, class_ids
+        # Warm up on a side stream, as capture requires: library handles and workspaces are created
+        # here, outside the graph.
+        stream = torch.cuda.Stream(latents.device)
+        stream.wait_stream(torch.cuda.current_stream(latents.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn(self.latents, self.class_ids)
+        torch.cuda.current_stream(latents.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(self.latents, self.class_ids)
+
+    def __call__(self, latents: torch.Tensor, class_ids: torch.LongTensor) -> torch.Tensor:
+        self.latents.copy_(latents)
+        self.class_ids.copy_(class_ids)
+        self.graph.replay()
+        return self.output.clone()  # the next replay overwrites the graph's output buffer
 
 
 def class_grid(

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every speed benchmark on one GPU, in bf16: the XL/2 peer ratio, XL/2 sampling at 1, 2 and 4 steps
+# with the SD-VAE decode (eager and CUDA graph), and the XL/2 and B/2 training step with compile
+# on/off and checkpointing on/off. Planned to finish in under 8 minutes on one H200.
+#
+#   bash benchmarks/gpu_benchmark.sh [RESULTS_DIR]      # default: $OUT if set, else gpu-benchmark/
+#
+# It installs nothing but the project's own dependency diffusers, and only when it is missing and its
+# wheel was carried in .whl/ (docs/performance.md); the project runs from src/ through PYTHONPATH.
+# Prints the three tables last and writes JSON and logs to RESULTS_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${1:-${OUT:-gpu-benchmark}}
+mkdir -p "$RESULTS"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# One inductor cache for all configurations: the second compile of the same block is a cache hit.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/afm-inductor-cache}
+
+if ! "$PY" -c "import diffusers" 2>/dev/null; then
+  if ls .whl/diffusers-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/afm-site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/afm-site:$PYTHONPATH"
+  else
+    echo "error: diffusers cannot be imported and no wheel was carried in .whl/ (see docs/performance.md)" >&2
+    exit 1
+  fi
+fi
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RESULTS/gpu.txt"
+"$PY" -c "import torch, diffusers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$RESULTS/gpu.txt"
+
+start=$SECONDS
+step() {  # step NAME COMMAND...: run, log, and say how long it took
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$RESULTS/$name.log"
+  echo "[$name: $((SECONDS - t0)) s, $((SECONDS - start)) s in all]"
+}
+
+step compare_dit "$PY" benchmarks/compare_dit.py --device cuda --size XL/2 --batch_size 32 --dtype bf16 \
+  --repeats 10 --json "$RESULTS/compare_dit.json"
+step sampling "$PY" benchmarks/sampling.py --device cuda --size XL/2 --sample_size 32 --batch_size 64 --dtype bf16 \
+  --steps 1 2 4 --cuda_graph --repeats 10 --json "$RESULTS/sampling.json"
+# XL/2 first and, per size, the configurations in order of importance: whatever would start after
+# the time left (460 s from the start, so the whole script stays under 8 minutes) is skipped, not cut.
+step train_step "$PY" benchmarks/train_step.py --device cuda --sizes XL/2 B/2 --batch_size 32 --sample_size 32 \
+  --configs bf16/none/off bf16/blocks/off bf16/blocks/on bf16/none/on \
+  --steps 10 --warmup 2 --timeout 240 --budget $((460 - (SECONDS - start))) --json "$RESULTS/train_step.json"
+
+echo
+echo "== tables ($((SECONDS - start)) s) =="
+for name in compare_dit sampling train_step; do
+  echo "-- $name"
+  # the last table of each log, with the line above it (the settings), and compare_dit's ratio line
+  awk '/^\|/ { if (!intable) { block = prev "\n"; intable = 1 } block = block $0 "\n"; next }
+       { if (intable) { last = block; intable = 0 } prev = $0 }
+       /^ratio / { ratio = $0 }
+       END { if (intable) last = block; printf "%s", last; if (ratio) print ratio }' "$RESULTS/$name.log"
+done
