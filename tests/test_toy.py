@@ -152,10 +152,18 @@ def test_identity_on_1d_gaussian_is_the_optimal_map():
     assert metrics["w1_to_data"] < 3 * metrics["w1_noise_floor"]
 
 
-@pytest.mark.parametrize("method", ["afm", "flow"])
-def test_short_toy_run_beats_its_starting_point(method):
+@pytest.fixture
+def toy_threads():
+    """The thread count the toy script uses (a second thread only slows these MLPs down)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(toy_afm.NUM_THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_short_toy_run_beats_its_starting_point(toy_threads):
     config = toy_afm.ToyConfig(
-        dataset="8gaussians", method=method, steps=200, batch_size=64, hidden_size=64, ema_decay=0.9, eval_samples=500
+        dataset="8gaussians", steps=200, batch_size=64, hidden_size=64, ema_decay=0.9, eval_samples=500
     )
     dataset = load_toy_dataset(config.dataset)
     before = toy_afm.evaluate(toy_afm.initial_map(config, dataset.dim), dataset, config)
@@ -163,6 +171,24 @@ def test_short_toy_run_beats_its_starting_point(method):
     after = record["metrics"]
     assert after["w2_to_data"] < 0.7 * before["w2_to_data"]
     assert set(after) >= {"w2_to_data", "w2_noise_floor", "transport_cost", "ot_cost", "mode_coverage", "seconds"}
+
+
+def test_multi_step_afm_samples_along_the_grid(toy_threads):
+    config = toy_afm.ToyConfig(dataset="gmm1d", nfe=2, steps=20, batch_size=32, hidden_size=16, eval_samples=200)
+    trained, record = toy_afm.run(config)
+    assert trained.prediction_type == "velocity" and trained.model.use_t_src
+    noise = torch.randn(50, 1, generator=seeded())
+    trajectory = trained.trajectory(noise)
+    assert trajectory.shape == (3, 50, 1) and torch.equal(trajectory[0], noise)
+    assert torch.allclose(trajectory[-1], trained(noise))
+    assert all(math.isfinite(value) for value in record["metrics"].values())
+
+
+def test_gan_is_afm_without_the_ot_term():
+    assert toy_afm.ot_scale_schedule(toy_afm.ToyConfig(method="gan", ot_scale=0.4))(0) == 0.0
+    assert toy_afm.ot_scale_schedule(toy_afm.ToyConfig(ot_scale=0.4))(10**6) == 0.4
+    decayed = toy_afm.ot_scale_schedule(toy_afm.ToyConfig(ot_scale=0.4, ot_scale_end=0.01, steps=100))
+    assert decayed(0) == pytest.approx(0.4) and decayed(200) == pytest.approx(0.01)
 
 
 def test_plot_writes_a_figure(tmp_path):
