@@ -110,7 +110,17 @@ def test_seeds_labels_and_batches_are_functions_of_the_index():
 # ----------------------------------------------------------------------------- sample_afm
 
 
-def test_sampling_one_vs_two_processes_and_resume(tmp_path, pipeline_dir, feature_net, tiny_vae_dir):
+@pytest.fixture
+def one_thread():
+    """CPU kernels round differently with another thread count; the launched processes run one
+    thread each, so the in-process runs they are compared with do too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sampling_one_vs_two_processes_and_resume(tmp_path, pipeline_dir, feature_net, tiny_vae_dir, one_thread):
     """One process straight through == one interrupted process finished by two processes, byte for
     byte; no image is written twice. The same launch (one start-up paid for three scripts) checks
     evaluate_afm --pipeline and cache_latents on 2 processes."""
