@@ -398,7 +398,10 @@ def epoch_batches(accelerator, dataloader, global_step: int, max_train_steps: in
 
 def host_values(logs: Dict[str, torch.Tensor], step: int, output_dir: str) -> Dict[str, float]:
     """The step's logged tensors as floats (one host sync); stops on a non-finite value, naming it."""
-    values = dict(zip(logs, torch.stack([v.float().cpu() for v in logs.values()]).tolist()))
+    # Stacked on the device first, so the copy to the host (and the wait for the step) happens once.
+    tensors = [v.detach().float() for v in logs.values()]
+    device = tensors[0].device
+    values = dict(zip(logs, torch.stack([t.to(device) for t in tensors]).cpu().tolist()))
     # Name the first broken part rather than the total it spoils.
     bad = sorted((k for k, v in values.items() if not math.isfinite(v)), key=lambda k: k.startswith("loss_"))
     if bad:

@@ -206,7 +206,7 @@ class AFMTrainingStep:
             logs["grad_norm_g"] = grad_norm
         self.optimizer_g.step()
         self.optimizer_g.zero_grad(set_to_none=True)
-        logs["ot_scale"] = torch.tensor(ot_scale)
+        logs["ot_scale"] = torch.full((), ot_scale, device=fake.device)  # a fill, not a host-to-device copy
         return logs
 
     def _classifier_guidance(self, fake: torch.Tensor, class_labels: torch.LongTensor, t: torch.Tensor) -> torch.Tensor:
