@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every speed benchmark on one GPU, in bf16: the XL/2 peer ratio, XL/2 sampling at 1, 2 and 4 steps
-# with the SD-VAE decode (eager and CUDA graph), and the XL/2 and B/2 training step with compile
+# with the SD-VAE decode (eager and CUDA graph), the R1/R2 precision check, and the XL/2 and B/2 training step with compile
 # on/off and checkpointing on/off. Planned to finish in under 8 minutes on one H200.
 #
 #   bash benchmarks/gpu_benchmark.sh [RESULTS_DIR]      # default: $OUT if set, else gpu-benchmark/
@@ -42,6 +42,9 @@ step compare_dit "$PY" benchmarks/compare_dit.py --device cuda --size XL/2 --bat
   --repeats 10 --json "$RESULTS/compare_dit.json"
 step sampling "$PY" benchmarks/sampling.py --device cuda --size XL/2 --sample_size 32 --batch_size 64 --dtype bf16 \
   --steps 1 2 4 --cuda_graph --repeats 10 --json "$RESULTS/sampling.json"
+# The approximated R1/R2 under bf16, with and without the full-precision split, and its cost (TF32 as the reference).
+step penalty_precision "$PY" benchmarks/penalty_precision.py --device cuda --allow_tf32 --batch_size 32 \
+  --time_size XL/2 --time_batch_size 32 --repeats 5 --json "$RESULTS/penalty_precision.json"
 # XL/2 first and, per size, the configurations in order of importance: whatever would start after
 # the time left (460 s from the start, so the whole script stays under 8 minutes) is skipped, not cut.
 step train_step "$PY" benchmarks/train_step.py --device cuda --sizes XL/2 B/2 --batch_size 32 --sample_size 32 \
@@ -50,7 +53,7 @@ step train_step "$PY" benchmarks/train_step.py --device cuda --sizes XL/2 B/2 --
 
 echo
 echo "== tables ($((SECONDS - start)) s) =="
-for name in compare_dit sampling train_step; do
+for name in compare_dit sampling penalty_precision train_step; do
   echo "-- $name"
   # the last table of each log, with the line above it (the settings), and compare_dit's ratio line
   awk '/^\|/ { if (!intable) { block = prev "\n"; intable = 1 } block = block $0 "\n"; next }

@@ -4,9 +4,10 @@
     OMP_NUM_THREADS=1 python benchmarks/latent_cache_speed.py            # tiny VAE and model, CPU
     python benchmarks/latent_cache_speed.py --count_macs                  # + SD-VAE / DiT MACs at 256 px
 
-Both paths run the trainer's loop on the same images with the same generator: a DataLoader batch,
-then either `random_flip` + `vae.encode(...).latent_dist.sample` (on the fly) or `cached_latents`
-(from a cache written by `examples/cache_latents.py`), then one `AFMTrainingStep` (a D and a G step).
+Both paths run the trainer's loop on the same images with the same generator: a batch of the
+trainer's loader (`load_training_data`), its latents (`TrainingData.latents`: VAE-encoded on the
+fly, or drawn from a cache written by `examples/cache_latents.py`), then one `AFMTrainingStep` (a D
+and a G step).
 The tiny networks make the encoder's share here an illustration only: what matters at scale is the
 ratio of the SD-VAE encoder (136 GMACs per 256 px image) to the AFM step, which `--count_macs`
 counts on the meta device (no weights, no compute).
@@ -122,16 +123,7 @@ def main(argv=None):
     import cache_latents
     from diffusers import AutoencoderKL
 
-    from diffusers_afm.data import (
-        ImageTransform,
-        LatentCacheDataset,
-        cached_latents,
-        collate,
-        collate_latents,
-        load_image_dataset,
-        prepare_dataset,
-        random_flip,
-    )
+    from diffusers_afm.data import load_training_data
 
     with tempfile.TemporaryDirectory() as tmp:
         images_dir, vae_dir, cache_dir = (os.path.join(tmp, name) for name in ("images", "vae", "cache"))
@@ -143,34 +135,18 @@ def main(argv=None):
                             "--output_dir", cache_dir, "--batch_size", str(args.batch_size), "--dataloader_num_workers", "0"])
         cache_seconds = time.perf_counter() - start
 
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
-        scaling = vae.config.scaling_factor
-        images = prepare_dataset(load_image_dataset(train_data_dir=images_dir), "image", "label",
-                                 ImageTransform(args.resolution, True, "RGB"))
-        cache = LatentCacheDataset(cache_dir)
-        sample_size = cache.latent_shape[1]
-
-        def loader(dataset, collate_fn):
-            return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                               collate_fn=collate_fn, generator=torch.Generator().manual_seed(0))
-
+        # The trainer's data both ways: the same loader seed, flips and posterior draws.
+        common = dict(resolution=args.resolution, train_batch_size=args.batch_size, vae=vae_dir, random_flip=True)
+        sources = {"on_the_fly": dict(train_data_dir=images_dir), "cache": dict(latent_cache=cache_dir)}
         results = {}
-        for name in ("on_the_fly", "cache"):
-            step, noise = build_step(sample_size, cache.num_classes, seed=0)
-            if name == "on_the_fly":
-                def to_latents(batch):
-                    pixels = random_flip(batch["pixel_values"], generator=noise)
-                    with torch.no_grad():
-                        x0 = vae.encode(pixels).latent_dist.sample(generator=noise)
-                    return x0.float() * scaling, batch["class_labels"]
+        for name, source in sources.items():
+            data = load_training_data(**source, **common)
+            step, noise = build_step(data.sample_size, data.num_classes, seed=0)
 
-                batches = loader(images, collate)
-            else:
-                def to_latents(batch):
-                    return cached_latents(batch, noise).float() * scaling, batch["class_labels"]
+            def to_latents(batch):
+                return data.latents(batch, noise), batch["class_labels"]
 
-                batches = loader(cache, collate_latents)
-            results[name] = time_loop(batches, to_latents, step, args.iterations)
+            results[name] = time_loop(data.dataloader, to_latents, step, args.iterations)
         results["speedup"] = results["on_the_fly"]["seconds_per_iteration"] / results["cache"]["seconds_per_iteration"]
         results["cache_write_seconds"] = cache_seconds
         results["settings"] = {"num_images": args.num_images, "resolution": args.resolution, "batch_size": args.batch_size,

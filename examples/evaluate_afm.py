@@ -21,8 +21,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 from diffusers_afm.evaluation import (
     TORCH_FIDELITY_WEIGHTS,
     evaluate_images,
@@ -30,18 +28,10 @@ from diffusers_afm.evaluation import (
     format_table,
     load_feature_extractor,
     load_reference,
+    parse_class_labels,
     save_results,
 )
-from diffusers_afm.utils import distributed_state
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_class_labels(value):
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--class_labels must be comma-separated integers, got {value!r}")
+from diffusers_afm.utils import DTYPES, distributed_state, resolve_dtype
 
 
 def build_parser():
@@ -122,8 +112,7 @@ def main(argv=None):
     if args.pipeline is not None:
         from diffusers_afm import AFMPipeline
 
-        dtype = DTYPES["bfloat16" if state.device.type == "cuda" else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
-        pipe = AFMPipeline.from_pretrained(args.pipeline, dtype=dtype).to(state.device)
+        pipe = AFMPipeline.from_pretrained(args.pipeline, dtype=resolve_dtype(args.dtype, state.device)).to(state.device)
         pipe.set_progress_bar_config(disable=True)
         num_samples = args.num_samples or args.per_class * len(args.class_labels or range(pipe.transformer.config.num_classes))
         results = evaluate_pipeline(pipe, reference, extractor, num_samples, batch_size=args.sample_batch_size, seed=args.seed,

@@ -28,26 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import PIL.Image
-import torch
 
 from diffusers_afm import AFMPipeline
-from diffusers_afm.evaluation import generate_images, plan_batches, sample_class_labels, write_samples_npz
-from diffusers_afm.utils import atomic_file, distributed_state
+from diffusers_afm.evaluation import (
+    generate_images,
+    parse_class_labels,
+    plan_batches,
+    sample_class_labels,
+    write_samples_npz,
+)
+from diffusers_afm.utils import DTYPES, atomic_file, distributed_state, resolve_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings that change the images: a resumed run must use the same ones.
 MANIFEST_KEYS = ("pipeline", "num_samples", "class_labels", "seed", "batch_size", "num_inference_steps", "dtype", "format")
 NPZ_NAME = "samples.npz"
-
-
-def parse_class_labels(value):
-    try:
-        labels = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--class_labels must be comma-separated integers, got {value!r}")
-    if not labels:
-        raise argparse.ArgumentTypeError("--class_labels is empty")
-    return labels
 
 
 def build_parser():
@@ -137,7 +131,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     state = distributed_state()
     device = state.device
-    dtype = DTYPES["bfloat16" if device.type == "cuda" else "float32"] if args.dtype == "auto" else DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     pipe = AFMPipeline.from_pretrained(args.pipeline, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     num_classes = pipe.transformer.config.num_classes

@@ -8,7 +8,7 @@ fresh noise against exact optimal transport (diffusers_afm.evaluation.toy):
     python examples/toy_afm.py --dataset samples.npy --method afm --nfe 2
     python examples/toy_afm.py --dataset checkerboard --method flow --flow_steps 100
 
-Methods: `afm` (METHOD.md's objective), `gan` (the same objective with `ot_scale` 0: any map that
+Methods: `afm` (docs/method.md's objective), `gan` (the same objective with `ot_scale` 0: any map that
 matches the data is as good as another) and `flow` (rectified flow matching with the same MLP,
 sampled with `--flow_steps` Euler steps), the baseline whose straight coupling AFM should reproduce
 in one step. benchmarks/toy_table.py runs all data sets, methods and seeds for docs/toy_experiments.md.
@@ -41,7 +41,7 @@ from diffusers_afm.evaluation.toy import (
     wasserstein1_1d,
     wasserstein2,
 )
-from diffusers_afm.training import AFMObjective, AFMTrainingStep, GradientNormalization, ModelEMA, constant, cosine
+from diffusers_afm.training import AFMObjective, AFMTrainingStep, GradientNormalization, ModelEMA, constant, cosine, recipe
 
 METHODS = ("afm", "gan", "flow")
 # Evaluation noise and data come from their own stream, never the training one ("fresh noise").
@@ -63,10 +63,10 @@ class ToyConfig:
     batch_size: int = 256
     lr: float = 1e-3
     ema_decay: float = 0.999
-    # Twice METHOD.md's 0.2: of 0.2, 0.4 and 0.8 (constant), 0.4 met the most targets of
+    # Twice docs/method.md's 0.2: of 0.2, 0.4 and 0.8 (constant), 0.4 met the most targets of
     # docs/toy_experiments.md; 0.8 visibly shrinks the samples towards the noise.
     ot_scale: float = 0.4
-    # When set, `ot_scale` decays along a cosine to this value over the run, as in METHOD.md's recipe.
+    # When set, `ot_scale` decays along a cosine to this value over the run, as in docs/method.md's recipe.
     ot_scale_end: Optional[float] = None
     hidden_size: int = 128
     num_layers: int = 3
@@ -171,17 +171,16 @@ class TrainedMap:
 def initial_map(config: ToyConfig, dim: int) -> TrainedMap:
     """The untrained generator of a run (the same initial weights `train` starts from)."""
     torch.manual_seed(config.seed)
-    multi_step = config.method == "flow" or config.nfe > 1
+    multi_step = config.method == "flow" or recipe.is_multi_step(config.nfe)
     generator = ToyGenerator(dim, config.hidden_size, config.num_layers, use_t_src=multi_step)
     if config.method == "flow":
         return TrainedMap(generator, config.flow_steps, "velocity")
-    # METHOD.md: x-prediction for 1 NFE, v-prediction for multi-step.
-    return TrainedMap(generator, config.nfe, "velocity" if multi_step else "sample")
+    return TrainedMap(generator, config.nfe, recipe.prediction_type(config.nfe))
 
 
 # ------------------------------------------------------------------------------------------ training
 def _optimizer(model: nn.Module, config: ToyConfig) -> torch.optim.Optimizer:
-    # METHOD.md's AdamW (betas (0, 0.9), weight decay 0.01) at a toy learning rate.
+    # docs/method.md's AdamW (betas (0, 0.9), weight decay 0.01) at a toy learning rate.
     return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.0, 0.9), weight_decay=0.01)
 
 
@@ -199,7 +198,7 @@ def train_adversarial(config: ToyConfig, dataset) -> TrainedMap:
     """AFM (or, with `ot_scale` 0, the plain GAN) through the library's `AFMTrainingStep`."""
     start = initial_map(config, dataset.dim)
     generator = start.model
-    discriminator = ToyDiscriminator(dataset.dim, config.hidden_size, config.num_layers, use_t=config.nfe > 1)
+    discriminator = ToyDiscriminator(dataset.dim, config.hidden_size, config.num_layers, use_t=recipe.discriminator_time_input(config.nfe))
     optimizer_g, optimizer_d = _optimizer(generator, config), _optimizer(discriminator, config)
     accelerator = Accelerator(cpu=True)
     generator, discriminator, optimizer_g, optimizer_d = accelerator.prepare(

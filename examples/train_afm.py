@@ -11,7 +11,7 @@
     accelerate launch examples/train_afm.py --config examples/configs/xl2_1nfe_guided.json \
         --init_from afm-xl2-1nfe --classifier afm-classifier-b2
 
-Every default is the paper's (METHOD.md) except where the embedded digits default says otherwise
+Every default is the paper's (docs/method.md) except where the embedded digits default says otherwise
 (`DIGITS_DEFAULTS`). `--config FILE` reads flag values from a JSON file (flags on the command line
 win); `--dry_run` prints the resolved settings as JSON and exits. The run ends with an
 `AFMPipeline` folder in `--output_dir` (EMA weights, class names, a model card) that
@@ -19,9 +19,7 @@ win); `--dry_run` prints the resolved settings as JSON and exits. The run ends w
 """
 
 import argparse
-import json
 import os
-import sys
 import time
 
 import torch
@@ -34,8 +32,11 @@ from diffusers_afm import (
     AdversarialFlowDiscriminator,
     AdversarialFlowTransformer2DModel,
     AFMPipeline,
+    export_standalone,
     preset_config,
+    save_model_card,
 )
+from diffusers_afm.data import DEFAULT_VAE, load_training_data
 from diffusers_afm.pipelines import class_grid
 from diffusers_afm.training import (
     AFMObjective,
@@ -46,29 +47,30 @@ from diffusers_afm.training import (
     cosine,
     ema_warmup,
 )
-from diffusers_afm.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from diffusers_afm.training.runtime import (
-    DEFAULT_VAE,
+from diffusers_afm.training import recipe
+from diffusers_afm.training.checkpoint import CheckpointIO, resolve_resume
+from diffusers_afm.training.loop import NonFiniteLossError, adamw, epoch_batches, host_values, noise_generator
+from diffusers_afm.utils import atomic_directory, atomic_file, parse_nfe, save_pretrained_into
+from training_cli import (
     DIGITS_MODEL,
-    NonFiniteLossError,  # noqa: F401  (re-exported: the trainer's error for a diverged run)
+    TRUNK_KEYS,
+    TrainingArgumentParser,
     add_data_arguments,
     add_run_arguments,
     apply_defaults,
     check_model_spec,
     check_run_arguments,
-    epoch_batches,
     flag_error,
-    host_values,
     init_trackers,
-    load_training_data,
-    parse_with_config,
-    print_settings,
     resolved_settings,
     setup_accelerator,
+    training_data_kwargs,
     trunk_config,
     uses_embedded_digits,
 )
-from diffusers_afm.utils import atomic_directory, atomic_file, parse_nfe, save_pretrained_into
+import training_cli
+
+__all__ = ["NonFiniteLossError", "main", "parse_args", "settings", "train"]  # what the tests and users import
 
 logger = get_logger(__name__)
 
@@ -91,11 +93,11 @@ PAPER_DEFAULTS = dict(
     resolution=256,
     train_batch_size=32,
     max_train_steps=500_000,
-    learning_rate=1e-4,
-    ema_decay=0.9999,
+    learning_rate=recipe.PAPER_OPTIMIZER["learning_rate"],
+    ema_decay=recipe.PAPER_OPTIMIZER["ema_decay"],
     ema_warmup=False,
-    ot_scale_end=0.005,
-    ot_decay_steps=1_000_000,
+    ot_scale_end=recipe.PAPER_OBJECTIVE["ot_scale_end"],
+    ot_decay_steps=recipe.PAPER_OBJECTIVE["ot_decay_steps"],
     checkpointing_steps=5000,
     validation_steps=5000,
     random_flip=True,
@@ -105,7 +107,7 @@ PAPER_DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train an Adversarial Flow Model.")
+    p = TrainingArgumentParser(description="Train an Adversarial Flow Model.")
     add_data_arguments(p)
     # Model
     p.add_argument("--model_config", default=None, help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file.")
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile each network's transformer block in place (the first steps compile).")
     p.add_argument("--init_from", default=None,
                    help="A finished run's output_dir: start from its EMA generator (transformer/) and discriminator/.")
-    # Objective (METHOD.md)
+    # Objective (docs/method.md)
     p.add_argument("--ot_scale", type=float, default=None, help="Start value: 0.2 (1 NFE) or 0.25 (multi-step).")
     p.add_argument("--ot_scale_end", type=float, default=None)
     p.add_argument("--ot_decay_steps", type=int, default=None, help="Cosine decay length in D+G steps.")
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gp_eps", type=float, default=0.01)
     p.add_argument("--gp_batch_ratio", type=float, default=0.25)
     p.add_argument("--cp_scale", type=float, default=0.01)
+    p.add_argument("--gp_full_precision", action=argparse.BooleanOptionalAction, default=True,
+                   help="Under --mixed_precision, run the R1/R2 samples and their partners in fp32/TF32 "
+                        "(bf16 rounding inflates the finite-difference penalty 3-5x; docs/method.md).")
     p.add_argument("--augment_p", type=float, default=0.0, help="Discriminator augmentation (0.4 in the guided phase).")
     p.add_argument("--grad_norm", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--classifier", default=None, help="An AdversarialFlowClassifier folder for guided training.")
@@ -161,25 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
+    p.add_argument("--standalone_hub_files", action="store_true",
+                   help="Also write self-contained model and pipeline code into the output folder, so that "
+                        "DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads it without diffusers-afm.")
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse (config file, then command line) and check every flag before any data or model is loaded."""
-    args = parse_with_config(build_parser(), argv)
+    args = build_parser().parse_args(argv)
     args.embedded_digits = uses_embedded_digits(args)
-    apply_defaults(args, DIGITS_DEFAULTS if args.embedded_digits else PAPER_DEFAULTS)
-    multi_step = args.nfe != 1
-    if args.prediction_type is None:
-        args.prediction_type = "velocity" if multi_step else "sample"
-    if args.ot_scale is None:
-        args.ot_scale = 0.25 if multi_step else 0.2
-    if args.max_grad_norm is None:
-        args.max_grad_norm = 5.0 if (multi_step or args.depth_repeat > 1) else 50.0
-    if args.cg_scale is None:
-        args.cg_scale = (0.02 if multi_step else 0.003) if args.classifier else 0.0
-    if args.cg_max_time is None:
-        args.cg_max_time = 0.49 if multi_step else 0.1
+    # The data's defaults, then what --nfe, --depth_repeat and --classifier imply (training/recipe.py).
+    implied = recipe.recipe_defaults(args.nfe, args.depth_repeat, guided=args.classifier is not None)
+    apply_defaults(args, {**(DIGITS_DEFAULTS if args.embedded_digits else PAPER_DEFAULTS), **implied})
     if args.discriminator_learning_rate is None:
         args.discriminator_learning_rate = args.learning_rate
 
@@ -207,12 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail("cg_max_time", "a number in (0, 1]")
     if not 0 <= args.ema_decay < 1:
         fail("ema_decay", "a number in [0, 1)")
-    if args.depth_repeat > 1 and multi_step:
-        fail("depth_repeat", "1 unless --nfe 1 (deep models are 1-NFE)")
-    if args.prediction_type == "sample" and multi_step:
-        fail("prediction_type", "'velocity' for multi-step and any-step models")
-    if args.cg_scale > 0 and args.classifier is None:
-        fail("cg_scale", "0 unless --classifier is given")
+    recipe.check_recipe(args.nfe, args.prediction_type, args.depth_repeat, args.cg_scale,
+                        guided=args.classifier is not None, prefix="--")
     if args.autoreload_steps is not None:
         if args.autoreload_steps < 1:
             fail("autoreload_steps", "an integer >= 1")
@@ -255,14 +250,12 @@ def settings(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- models
 def build_models(args, sample_size, in_channels, num_classes):
     trunk = trunk_config(args.model_config, DIGITS_MODEL if args.embedded_digits else preset_config("XL/2"))
-    multi_step = args.nfe != 1
     generator = AdversarialFlowTransformer2DModel(
         **trunk,
         sample_size=sample_size,
         in_channels=in_channels,
         num_classes=num_classes,
-        use_timestep_src=multi_step,
-        use_timestep_tgt=args.nfe is None,
+        **recipe.generator_time_inputs(args.nfe),
         depth_repeat=args.depth_repeat,
         prediction_type=args.prediction_type,
         nfe=args.nfe,
@@ -272,7 +265,7 @@ def build_models(args, sample_size, in_channels, num_classes):
         sample_size=sample_size,
         in_channels=in_channels,
         num_classes=num_classes,
-        use_timestep=multi_step,
+        use_timestep=recipe.discriminator_time_input(args.nfe),
     )
     return generator, discriminator
 
@@ -290,7 +283,7 @@ def check_same_config(source, model, what: str) -> None:
 
 
 def load_init_from(path: str, generator, discriminator) -> None:
-    """Start from a finished run (METHOD.md, guided phase): its EMA generator, its last discriminator.
+    """Start from a finished run (docs/method.md, guided phase): its EMA generator, its last discriminator.
 
     The EMA weights (the pipeline's `transformer/`) go into the trained generator; the EMA is then
     made from it, so both start equal. Optimizers, schedules and the gradient-normalization
@@ -315,7 +308,7 @@ def load_classifier(path: str, generator):
 
 
 def autoreload(accelerator, generator, discriminator, ema, discriminator_start) -> None:
-    """METHOD.md, "autoreload": the generator back to its EMA, the discriminator to the phase's start.
+    """docs/method.md, "autoreload": the generator back to its EMA, the discriminator to the phase's start.
 
     The optimizers keep their state: with beta1 = 0 there is no momentum pointing the old way, and
     the second moments are scale estimates that still hold near the reloaded weights; a fresh
@@ -343,75 +336,42 @@ def log_grid(accelerator, grid, step):
             tracker.log({"samples": wandb.Image(grid)}, step=step)
 
 
-def write_model_card(args, path, num_classes, step, grid_name):
-    card = f"""---
-library_name: diffusers
-license: apache-2.0
-tags:
-- adversarial-flow-models
-- diffusers-afm
-- class-conditional
-- image-generation
----
-
-# Adversarial Flow Model: {args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))}
-
-A class-conditional Adversarial Flow Model ({num_classes} classes, {args.nfe or 'any'}-NFE,
-`{args.prediction_type}` prediction) trained with
-[diffusers-afm](https://github.com/) for {step} iterations on
-`{args.dataset_name or args.train_data_dir or 'scikit-learn digits'}`. These are the EMA weights.
-
-![samples]({grid_name})
-
-## Use
-
-```python
-import torch
-from diffusers_afm import AFMPipeline
-
-pipe = AFMPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")
-images = pipe(class_labels=[0, 1, 2], generator=torch.Generator().manual_seed(0)).images
-```
-
-## Training settings
-
-A config file for `examples/train_afm.py --config` (the resolved flags of this run):
-
-```json
-{json.dumps(settings(args), indent=2, sort_keys=True)}
-```
-"""
-    with atomic_file(os.path.join(path, "README.md"), "w") as f:
-        f.write(card)
-
-
-def save_pipeline(args, accelerator, ema, discriminator, vae, id2label, num_classes, step):
+def save_pipeline(args, accelerator, ema, discriminator, vae, id2label, step, metrics=None):
     """The final AFMPipeline (EMA generator), the discriminator, a grid and a model card, each atomic."""
     pipeline = AFMPipeline(transformer=ema.model, vae=vae, id2label=id2label)
     pipeline.set_progress_bar_config(disable=True)
     grid = class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed)
     save_grid(grid, os.path.join(args.output_dir, "samples.png"))
     save_pretrained_into(pipeline, args.output_dir, last="model_index.json")
+    if args.standalone_hub_files:
+        export_standalone(args.output_dir)  # before the card, which then shows the trust_remote_code snippet
     with atomic_directory(os.path.join(args.output_dir, "discriminator")) as tmp:
         accelerator.unwrap_model(discriminator).save_pretrained(tmp, safe_serialization=True)
-    write_model_card(args, args.output_dir, num_classes, step, "samples.png")
+    # The card records the model itself, not the path of the JSON file it may have come from.
+    trunk = {key: ema.model.config[key] for key in TRUNK_KEYS}
+    save_model_card(
+        args.output_dir,
+        repo_id=args.hub_model_id,
+        base_model=args.init_from if args.init_from and not os.path.isdir(args.init_from) else None,
+        dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits",
+        training_settings={**settings(args), "model_config": trunk},
+        sample_grid="samples.png",
+        metrics=metrics,
+        description=f"These are the EMA weights after {step} iterations.",
+    )
     return grid
 
 
 # ----------------------------------------------------------------------------- training
 def main(argv=None):
-    args = parse_args(argv)
-    if args.dry_run:
-        print_settings(settings(args))
-        return None
-    return train(args)
+    return training_cli.main(parse_args, settings, train, argv)
 
 
 def train(args: argparse.Namespace) -> str:
     accelerator = setup_accelerator(args)
 
     # 1. Data (every label is checked against the model's classes before training starts) and the VAE
-    data = load_training_data(args, accelerator)
+    data = load_training_data(**training_data_kwargs(args, accelerator))
 
     # 2. Models (from a finished run with --init_from), EMA, gradient normalization
     generator, discriminator = build_models(args, data.sample_size, data.in_channels, data.num_classes)
@@ -430,13 +390,10 @@ def train(args: argparse.Namespace) -> str:
         classifier = load_classifier(args.classifier, generator).to(accelerator.device)
     logger.info(f"generator {generator.num_parameters() / 1e6:.2f}M, discriminator {discriminator.num_parameters() / 1e6:.2f}M parameters")
 
-    fused = torch.cuda.is_available()
-    adamw = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
-    if fused:
-        adamw["fused"] = True
-    # METHOD.md, deep models: the generator's lr is divided by the depth repetition.
-    optimizer_g = torch.optim.AdamW(generator.parameters(), lr=args.learning_rate / args.depth_repeat, **adamw)
-    optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=args.discriminator_learning_rate, **adamw)
+    betas, eps, weight_decay = (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay
+    optimizer_g = adamw(generator.parameters(), recipe.generator_learning_rate(args.learning_rate, args.depth_repeat),
+                        betas, eps, weight_decay)
+    optimizer_d = adamw(discriminator.parameters(), args.discriminator_learning_rate, betas, eps, weight_decay)
     schedulers = [
         get_scheduler(args.lr_scheduler, optimizer=opt, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                       num_training_steps=args.max_train_steps * accelerator.num_processes)
@@ -453,7 +410,7 @@ def train(args: argparse.Namespace) -> str:
         for model in (generator, discriminator) + ((classifier,) if classifier is not None else ()):
             accelerator.unwrap_model(model).compile_repeated_blocks(fullgraph=True, dynamic=False)
     grad_norm = GradientNormalization().to(accelerator.device) if args.grad_norm else None
-    noise_generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+    rng = noise_generator(accelerator, args.seed)
     objective = AFMObjective(
         nfe=args.nfe,
         prediction_type=args.prediction_type,
@@ -462,6 +419,7 @@ def train(args: argparse.Namespace) -> str:
         gp_eps=args.gp_eps,
         gp_batch_ratio=args.gp_batch_ratio,
         cp_scale=args.cp_scale,
+        gp_full_precision=args.gp_full_precision,
         augment_p=constant(args.augment_p),
         cg_scale=args.cg_scale,
         cg_max_time=args.cg_max_time,
@@ -470,19 +428,20 @@ def train(args: argparse.Namespace) -> str:
         accelerator, generator, discriminator, optimizer_g, optimizer_d, objective,
         grad_norm=grad_norm, ema=ema, ema_decay=ema_warmup(args.ema_decay) if args.ema_warmup else args.ema_decay,
         max_grad_norm_g=args.max_grad_norm, max_grad_norm_d=args.max_grad_norm,
-        classifier=classifier, noise_generator=noise_generator,
+        classifier=classifier, noise_generator=rng,
     )
 
     # 3. Resume (a checkpoint of this phase overrides the --init_from weights)
+    checkpoints = CheckpointIO(accelerator, ema=ema, grad_norm=grad_norm, noise_generator=rng)
     global_step = 0
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
-        global_step = load_checkpoint(accelerator, resume_path, ema, grad_norm, noise_generator)
+        global_step = checkpoints.load(resume_path)
         logger.info(f"Resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint == "latest":
         logger.info("No checkpoint to resume from yet; starting a new run.")
     init_trackers(accelerator, "train_afm", settings(args))
-    evaluation = None
+    evaluation, metrics = None, None
     if args.eval_steps is not None:
         from diffusers_afm.evaluation import evaluate_pipeline, load_feature_extractor, load_reference
 
@@ -502,7 +461,7 @@ def train(args: argparse.Namespace) -> str:
     for batch in batches:
         if global_step >= args.max_train_steps:
             break
-        x0 = data.latents(batch, noise_generator)
+        x0 = data.latents(batch, rng)
         logs = train_step(x0, batch["class_labels"], global_step)
         for scheduler in schedulers:
             scheduler.step()  # prepared by Accelerate: it steps only when the optimizers did
@@ -525,8 +484,7 @@ def train(args: argparse.Namespace) -> str:
         if args.autoreload_steps is not None and global_step % args.autoreload_steps == 0:
             autoreload(accelerator, generator, discriminator, ema, discriminator_start)
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(accelerator, args.output_dir, global_step, ema, grad_norm, noise_generator,
-                            args.checkpoints_total_limit)
+            checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
         if global_step % args.validation_steps == 0 and accelerator.is_main_process:
             pipeline = AFMPipeline(transformer=ema.model, vae=data.vae, id2label=data.id2label)
             pipeline.set_progress_bar_config(disable=True)
@@ -551,7 +509,7 @@ def train(args: argparse.Namespace) -> str:
     # 5. The pipeline folder
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        grid = save_pipeline(args, accelerator, ema, discriminator, data.vae, data.id2label, data.num_classes, global_step)
+        grid = save_pipeline(args, accelerator, ema, discriminator, data.vae, data.id2label, global_step, metrics)
         log_grid(accelerator, grid, global_step)
         logger.info(f"Saved the AFMPipeline to {args.output_dir}")
         if args.push_to_hub:
@@ -566,11 +524,4 @@ def train(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        arguments = parse_args()
-    except ValueError as err:  # a bad flag or config: say which, before any work is done
-        sys.exit(f"error: {err}")
-    if arguments.dry_run:
-        print_settings(settings(arguments))
-        sys.exit(0)
-    train(arguments)
+    training_cli.run(parse_args, settings, train)

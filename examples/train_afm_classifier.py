@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the noisy-input classifier `C(x_t, t)` that guides an Adversarial Flow Model (METHOD.md,
+"""Train the noisy-input classifier `C(x_t, t)` that guides an Adversarial Flow Model (docs/method.md,
 "Classifier guidance"), with Accelerate.
 
     # the embedded default: scikit-learn's digits in pixel space (CPU, minutes)
@@ -11,8 +11,8 @@
 Cross-entropy on `x_t = interp(x0, z, t)` with `t ~ U(0, 1)`, after a random affine augmentation of
 `x0` with probability 0.8; AdamW (lr 1e-4, betas 0.9 / 0.95), EMA 0.9995. The data, the VAE, the
 Accelerate setup, `--config` / `--dry_run` and the atomic, resumable checkpoints are the generator
-trainer's (`diffusers_afm.training.runtime`, `.checkpoint`). The training accuracy is logged per
-noise-time bucket, since guidance only uses the classifier at small `t` (METHOD.md: t <= 0.1 at
+trainer's (`training_cli.py`, `diffusers_afm.data`, `diffusers_afm.training.checkpoint` and `.loop`). The training accuracy is logged per
+noise-time bucket, since guidance only uses the classifier at small `t` (docs/method.md: t <= 0.1 at
 1 NFE, t <= 0.49 multi-step). The run ends with the EMA classifier saved in `--output_dir`, which
 `AdversarialFlowClassifier.from_pretrained` and `train_afm.py --classifier` load.
 """
@@ -20,7 +20,6 @@ noise-time bucket, since guidance only uses the classifier at small `t` (METHOD.
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -28,30 +27,29 @@ from accelerate.logging import get_logger
 from diffusers.optimization import get_scheduler
 
 from diffusers_afm import AFM_PRESETS, AdversarialFlowClassifier, flow, preset_config
+from diffusers_afm.data import DEFAULT_VAE, load_training_data
 from diffusers_afm.training import ModelEMA, ema_warmup
 from diffusers_afm.training.augment import random_affine
-from diffusers_afm.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from diffusers_afm.training.runtime import (
-    DEFAULT_VAE,
+from diffusers_afm.training.checkpoint import CheckpointIO, resolve_resume
+from diffusers_afm.training.loop import adamw, epoch_batches, host_values, noise_generator
+from diffusers_afm.utils import atomic_file, save_pretrained_into
+from training_cli import (
     DIGITS_MODEL,
+    TrainingArgumentParser,
     add_data_arguments,
     add_run_arguments,
     apply_defaults,
     check_model_spec,
     check_run_arguments,
-    epoch_batches,
     flag_error,
-    host_values,
     init_trackers,
-    load_training_data,
-    parse_with_config,
-    print_settings,
     resolved_settings,
     setup_accelerator,
+    training_data_kwargs,
     trunk_config,
     uses_embedded_digits,
 )
-from diffusers_afm.utils import atomic_file, save_pretrained_into
+import training_cli
 
 logger = get_logger(__name__)
 
@@ -70,7 +68,7 @@ DIGITS_DEFAULTS = dict(
 PAPER_DEFAULTS = dict(
     resolution=256,
     train_batch_size=32,
-    max_train_steps=200_000,  # not stated in METHOD.md
+    max_train_steps=200_000,  # not stated in docs/method.md
     learning_rate=1e-4,
     ema_decay=0.9995,
     ema_warmup=False,
@@ -83,7 +81,7 @@ PAPER_DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train the noisy-input classifier for AFM classifier guidance.")
+    p = TrainingArgumentParser(description="Train the noisy-input classifier for AFM classifier guidance.")
     add_data_arguments(p)
     p.add_argument("--model_config", default=None,
                    help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file; default B/2 (digits: a small model).")
@@ -93,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.95)
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--adam_weight_decay", type=float, default=0.0, help="Not stated in METHOD.md; 0 as in DiT.")
-    p.add_argument("--max_grad_norm", type=float, default=None, help="Clipping; off by default (not stated in METHOD.md).")
+    p.add_argument("--adam_weight_decay", type=float, default=0.0, help="Not stated in docs/method.md; 0 as in DiT.")
+    p.add_argument("--max_grad_norm", type=float, default=None, help="Clipping; off by default (not stated in docs/method.md).")
     p.add_argument("--ema_decay", type=float, default=None)
     p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--num_time_buckets", type=int, default=5, help="Accuracy is logged per equal-width bucket of t.")
@@ -104,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = parse_with_config(build_parser(), argv)
+    args = build_parser().parse_args(argv)
     args.embedded_digits = uses_embedded_digits(args)
     apply_defaults(args, DIGITS_DEFAULTS if args.embedded_digits else PAPER_DEFAULTS)
     check_run_arguments(args)
@@ -135,7 +133,7 @@ def settings(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------- pieces
 def noisy_batch(x0: torch.Tensor, augment_p: float, generator: torch.Generator):
-    """`(x_t, t)`: `x0` augmented, then `x_t = interp(x0, z, t)` with `t ~ U(0, 1)` (METHOD.md)."""
+    """`(x_t, t)`: `x0` augmented, then `x_t = interp(x0, z, t)` with `t ~ U(0, 1)` (docs/method.md)."""
     x0 = random_affine(x0, augment_p, generator=generator)
     t = torch.rand(x0.shape[0], device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
@@ -169,18 +167,14 @@ Training accuracy by noise time over the last {args.logging_steps} steps: {json.
 
 # ----------------------------------------------------------------------------- training
 def main(argv=None):
-    args = parse_args(argv)
-    if args.dry_run:
-        print_settings(settings(args))
-        return None
-    return train(args)
+    return training_cli.main(parse_args, settings, train, argv)
 
 
 def train(args: argparse.Namespace) -> str:
     accelerator = setup_accelerator(args)
 
     # 1. Data and the VAE (as the generator trainer reads them)
-    data = load_training_data(args, accelerator)
+    data = load_training_data(**training_data_kwargs(args, accelerator))
 
     # 2. The classifier, its optimizer and EMA
     trunk = trunk_config(args.model_config, DIGITS_MODEL if args.embedded_digits else preset_config("B/2"))
@@ -190,23 +184,22 @@ def train(args: argparse.Namespace) -> str:
     if args.gradient_checkpointing:
         classifier.enable_gradient_checkpointing()
     logger.info(f"classifier {classifier.num_parameters() / 1e6:.2f}M parameters, {data.num_classes} classes")
-    adamw = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
-    if torch.cuda.is_available():
-        adamw["fused"] = True
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, **adamw)
+    optimizer = adamw(classifier.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2),
+                      args.adam_epsilon, args.adam_weight_decay)
     scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                               num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                               num_training_steps=args.max_train_steps * accelerator.num_processes)
     classifier, optimizer, dataloader, scheduler = accelerator.prepare(classifier, optimizer, data.dataloader, scheduler)
     ema = ModelEMA(classifier)
     ema_decay = ema_warmup(args.ema_decay) if args.ema_warmup else (lambda step: args.ema_decay)
-    noise_generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+    rng = noise_generator(accelerator, args.seed)
 
     # 3. Resume
+    checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng)
     global_step = 0
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
-        global_step = load_checkpoint(accelerator, resume_path, ema, None, noise_generator)
+        global_step = checkpoints.load(resume_path)
         logger.info(f"Resumed from {resume_path} at step {global_step}")
     init_trackers(accelerator, "train_afm_classifier", settings(args))
 
@@ -225,8 +218,8 @@ def train(args: argparse.Namespace) -> str:
             break
         labels = batch["class_labels"]
         with accelerator.accumulate(classifier):
-            x0 = data.latents(batch, noise_generator)
-            x_t, t = noisy_batch(x0, args.augment_p, noise_generator)
+            x0 = data.latents(batch, rng)
+            x_t, t = noisy_batch(x0, args.augment_p, rng)
             with accelerator.autocast():
                 logits = classifier(x_t, t).float()
             loss = F.cross_entropy(logits, labels)
@@ -258,8 +251,7 @@ def train(args: argparse.Namespace) -> str:
         accelerator.log(values, step=global_step)
         progress.set_postfix(loss=f"{values['loss']:.3f}")
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(accelerator, args.output_dir, global_step, ema, None, noise_generator,
-                            args.checkpoints_total_limit)
+            checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
     progress.close()
 
     # 5. The EMA classifier, loadable with from_pretrained
@@ -272,11 +264,4 @@ def train(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        arguments = parse_args()
-    except ValueError as err:  # a bad flag or config: say which, before any work is done
-        sys.exit(f"error: {err}")
-    if arguments.dry_run:
-        print_settings(settings(arguments))
-        sys.exit(0)
-    train(arguments)
+    training_cli.run(parse_args, settings, train)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers_afm.evaluation import (
     TORCH_FIDELITY_WEIGHTS,
     ModuleFeatureExtractor,
+    ReferenceStatistics,
     TorchScriptFeatureExtractor,
     compute_features,
     feature_statistics,
@@ -19,11 +20,8 @@ from diffusers_afm.evaluation import (
     images_from_folder,
     inception_score,
     load_feature_extractor,
+    load_reference,
     precision_recall,
-    reference_statistics_from_dataset,
-    reference_statistics_from_folder,
-    reference_statistics_from_npz,
-    save_statistics,
     to_unit_nchw,
     torch_fidelity_inception,
 )
@@ -218,7 +216,7 @@ def test_torchscript_extractor_round_trip(tmp_path):
 
     loaded = load_feature_extractor(str(path), input_size=16)
     assert isinstance(loaded, TorchScriptFeatureExtractor)
-    batched_features, batched_logits = compute_features(loaded, images, batch_size=2, return_logits=True)
+    batched_features, batched_logits = compute_features(loaded, images, batch_size=2)
     assert batched_features.dtype == np.float64 and batched_features.shape == (5, 4) and batched_logits.shape == (5, 5)
     np.testing.assert_allclose(batched_features, features.double().numpy(), atol=1e-6)
 
@@ -232,17 +230,17 @@ def test_module_extractor_transform_and_missing_logits():
 
     extractor = ModuleFeatureExtractor(torch.nn.Flatten(), input_size=4, transform=record)
     images = np.stack([np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)])
-    features = compute_features(extractor, images)
+    features, logits = compute_features(extractor, images)
     assert seen["range"] == (0.0, 1.0)
     np.testing.assert_array_equal(features, np.stack([-np.ones(48), np.ones(48)]))
-    with pytest.raises(ValueError, match="logits"):
-        compute_features(extractor, images, return_logits=True)
+    assert logits is None
 
 
 def test_compute_features_batches_images_of_different_sizes():
     rng = np.random.default_rng(10)
     images = [random_images(rng, 1, 8, 8)[0] for _ in range(3)] + [random_images(rng, 1, 12, 10)[0] for _ in range(4)]
-    features = compute_features(tiny_extractor, iter(images), batch_size=2)
+    features, logits = compute_features(tiny_extractor, iter(images), batch_size=2)
+    assert logits is None
     expected = np.concatenate([tiny_extractor(image[None]).double().numpy() for image in images])
     np.testing.assert_allclose(features, expected, atol=1e-6)
 
@@ -277,37 +275,38 @@ def test_npz_reference_statistics_prefer_stored_mu_sigma(tmp_path):
     mu, sigma = rng.standard_normal(12), np.eye(12)
     path = tmp_path / "VIRTUAL_reference.npz"
     np.savez(path, arr_0=images, mu=mu, sigma=sigma)
-    stored = reference_statistics_from_npz(path, tiny_extractor)
-    np.testing.assert_array_equal(stored[0], mu)
-    np.testing.assert_array_equal(stored[1], sigma)
-    recomputed = reference_statistics_from_npz(path, tiny_extractor, batch_size=3, use_stored=False)
-    np.testing.assert_allclose(recomputed[1], feature_statistics(tiny_extractor(images))[1], atol=1e-6)
+    stored = ReferenceStatistics.from_npz(path, tiny_extractor, with_features=False)
+    np.testing.assert_array_equal(stored.mu, mu)
+    np.testing.assert_array_equal(stored.sigma, sigma)
+    assert stored.features is None
+    recomputed = ReferenceStatistics.from_npz(path, tiny_extractor, recompute=True, batch_size=3)
+    np.testing.assert_allclose(recomputed.sigma, feature_statistics(tiny_extractor(images))[1], atol=1e-6)
 
 
 def test_npz_reference_statistics_computed_from_images(tmp_path):
     images = random_images(np.random.default_rng(12), 10, 8, 8)
     path = tmp_path / "images.npz"
     np.savez(path, arr_0=images)
-    mu, sigma = reference_statistics_from_npz(path, tiny_extractor, batch_size=4)
+    reference = load_reference(path, tiny_extractor, batch_size=4)
     expected_mu, expected_sigma = feature_statistics(tiny_extractor(images))
-    np.testing.assert_allclose(mu, expected_mu, atol=1e-6)
-    np.testing.assert_allclose(sigma, expected_sigma, atol=1e-6)
+    np.testing.assert_allclose(reference.mu, expected_mu, atol=1e-6)
+    np.testing.assert_allclose(reference.sigma, expected_sigma, atol=1e-6)
     with pytest.raises(ValueError, match="extractor"):
-        reference_statistics_from_npz(path)
+        load_reference(path)
 
 
-def test_save_statistics_round_trip_leaves_no_temporary_file(tmp_path):
+def test_saved_reference_round_trip_leaves_no_temporary_file(tmp_path):
     rng = np.random.default_rng(13)
     mu, sigma = feature_statistics(rng.standard_normal((20, 6)))
     path = tmp_path / "stats" / "reference.npz"
-    save_statistics(path, mu, sigma)
-    save_statistics(path, mu + 1, sigma)  # overwrites in place
-    loaded_mu, loaded_sigma = reference_statistics_from_npz(path)
-    np.testing.assert_array_equal(loaded_mu, mu + 1)
-    np.testing.assert_array_equal(loaded_sigma, sigma)
+    ReferenceStatistics(mu, sigma).save(path)
+    ReferenceStatistics(mu + 1, sigma).save(path)  # overwrites in place
+    loaded = load_reference(path)
+    np.testing.assert_array_equal(loaded.mu, mu + 1)
+    np.testing.assert_array_equal(loaded.sigma, sigma)
     assert [file.name for file in path.parent.iterdir()] == ["reference.npz"]
     with pytest.raises(ValueError, match="sigma"):
-        save_statistics(path, mu, sigma[:-1])
+        ReferenceStatistics(mu, sigma[:-1]).save(path)
 
 
 def test_folder_reference_statistics(tmp_path):
@@ -327,10 +326,11 @@ def test_folder_reference_statistics(tmp_path):
         assert got.dtype == np.uint8
         np.testing.assert_array_equal(got, want)
 
-    mu, sigma = reference_statistics_from_folder(tmp_path, tiny_extractor, batch_size=4)
+    reference = load_reference(tmp_path, tiny_extractor, batch_size=4)
     expected_features = np.concatenate([tiny_extractor(image[None]).double().numpy() for image in expected])
-    np.testing.assert_allclose(mu, expected_features.mean(axis=0), atol=1e-6)
-    np.testing.assert_allclose(sigma, np.cov(expected_features, rowvar=False), atol=1e-6)
+    np.testing.assert_allclose(reference.features, expected_features, atol=1e-6)
+    np.testing.assert_allclose(reference.mu, expected_features.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(reference.sigma, np.cov(expected_features, rowvar=False), atol=1e-6)
     with pytest.raises(FileNotFoundError):
         next(images_from_folder(tmp_path / "missing"))
 
@@ -343,9 +343,9 @@ def test_dataset_reference_statistics():
         {"image": [PIL.Image.fromarray(image) for image in images], "label": list(range(6))},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
     )
-    mu, sigma = reference_statistics_from_dataset(dataset, "image", tiny_extractor, batch_size=4)
+    reference = load_reference(dataset, tiny_extractor, batch_size=4)
     expected_mu, expected_sigma = feature_statistics(tiny_extractor(images))
-    np.testing.assert_allclose(mu, expected_mu, atol=1e-6)
-    np.testing.assert_allclose(sigma, expected_sigma, atol=1e-6)
+    np.testing.assert_allclose(reference.mu, expected_mu, atol=1e-6)
+    np.testing.assert_allclose(reference.sigma, expected_sigma, atol=1e-6)
     with pytest.raises(ValueError, match="image_column"):
-        reference_statistics_from_dataset(dataset, "pixels", tiny_extractor)
+        load_reference(dataset, tiny_extractor, image_column="pixels")

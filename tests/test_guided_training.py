@@ -1,21 +1,26 @@
 """The guided phase: the classifier-guidance term, --init_from, autoreload, the classifier's augmentation."""
 
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate import Accelerator
 from conftest import REPO
 from safetensors.torch import load_file
 
 from diffusers_afm import AdversarialFlowClassifier, AdversarialFlowDiscriminator, AdversarialFlowTransformer2DModel
-from diffusers_afm.training import AFMObjective, AFMTrainingStep, GradientNormalization, ModelEMA, constant
+from diffusers_afm.training import (
+    AFMObjective,
+    AFMTrainingStep,
+    GradientNormalization,
+    ModelEMA,
+    classifier_guidance_term,
+    constant,
+)
 from diffusers_afm.training.augment import random_affine
 
-sys.path.insert(0, str(REPO / "examples"))
-import train_afm  # noqa: E402
+import train_afm
 
 TINY = str(REPO / "tests" / "fixtures" / "tiny_model.json")
 TINY_TRUNK = dict(sample_size=8, patch_size=2, in_channels=1, num_layers=2, num_attention_heads=2, attention_head_dim=16)
@@ -88,32 +93,64 @@ def test_guidance_moves_the_generator_toward_the_target_class():
     assert abs(unguided_after - 0.5) < 0.1
 
 
+def _cross_entropy_by_hand(logits, labels):
+    """-log softmax(logits)[label], per sample, written out (an independent reference)."""
+    return torch.stack([torch.logsumexp(row, 0) - row[label] for row, label in zip(logits, labels)])
+
+
 def test_guidance_renoises_the_fake_at_1_nfe():
-    """METHOD.md: 1 NFE scores interp(fake, z', u) with u ~ U(0, 0.1), not the fake itself."""
+    """docs/method.md: 1 NFE scores interp(fake, z', u) with u ~ U(0, cg_max_time), not the fake itself."""
     classifier = BrightnessClassifier()
-    step, _ = _training_step(classifier)
     fake = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     labels = torch.zeros(256, dtype=torch.long)
-    loss = step._classifier_guidance(fake, labels, torch.zeros(256))
-    x_u, u = classifier.calls[-1]
+    term = classifier_guidance_term(classifier, fake, labels, torch.zeros(256), nfe=1, cg_max_time=0.1,
+                                    generator=torch.Generator().manual_seed(0))
+    (x_u, u), = classifier.calls
     assert (u >= 0).all() and (u < 0.1).all() and u.std() > 0.01
     noise = (x_u - (1 - u)[:, None, None, None] * fake) / u[:, None, None, None]  # z' recovered
     assert abs(noise.std().item() - 1.0) < 0.05 and abs(noise.mean().item()) < 0.05
-    torch.testing.assert_close(loss, F.cross_entropy(classifier(x_u, u), labels))
+    torch.testing.assert_close(term, _cross_entropy_by_hand(classifier(x_u, u), labels).mean())
 
 
-def test_guidance_uses_the_target_time_and_skips_late_steps_when_multi_step():
-    """METHOD.md: multi-step guides at u = t, only where t <= 0.49 (the rest do not count)."""
+@pytest.mark.parametrize("nfe", [2, 4, None])
+def test_guidance_scores_the_fake_as_it_is_and_averages_over_the_whole_batch_when_multi_step(nfe):
+    """Multi-step: x_t_fake already lies at t, so C(x_t_fake, t) on it unchanged (no re-noising), only
+    where t <= cg_max_time, summed and divided by the WHOLE batch size (the reference's normalisation)."""
     classifier = BrightnessClassifier()
-    step, _ = _training_step(classifier, nfe=2, cg_scale=0.02)
     fake = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([0, 1, 1, 0])
-    t = torch.tensor([0.0, 0.5, 0.0, 0.5])
-    loss = step._classifier_guidance(fake, labels, t)
-    x_u, u = classifier.calls[-1]
-    assert torch.equal(u, t)
-    per_sample = F.cross_entropy(classifier(x_u, u), labels, reduction="none")
-    torch.testing.assert_close(loss, per_sample[[0, 2]].mean())
+    t = torch.tensor([0.0, 0.5, 0.25, 0.75])  # 0.25: a 4-NFE target time that must not be re-noised
+    term = classifier_guidance_term(classifier, fake, labels, t, nfe=nfe, cg_max_time=0.49)
+    (x_u, u), = classifier.calls
+    assert torch.equal(x_u, fake) and torch.equal(u, t)
+    per_sample = _cross_entropy_by_hand(classifier(fake, t), labels)
+    torch.testing.assert_close(term, (per_sample[0] + per_sample[2]) / 4)
+
+
+def test_guidance_accepts_an_output_with_logits_and_counts_nothing_past_cg_max_time():
+    class WithLogits(nn.Module):
+        def forward(self, hidden_states, timestep):
+            return SimpleNamespace(logits=torch.stack([hidden_states.flatten(1).mean(1), timestep], 1))
+
+    fake, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 0])
+    t = torch.tensor([0.2, 0.3, 0.6])
+    logits = torch.stack([fake.flatten(1).mean(1), t], 1)
+    expected = _cross_entropy_by_hand(logits, labels)[:2].sum() / 3
+    torch.testing.assert_close(classifier_guidance_term(WithLogits(), fake, labels, t, nfe=2, cg_max_time=0.49), expected)
+    late = torch.full((3,), 0.9)
+    assert classifier_guidance_term(WithLogits(), fake, labels, late, nfe=2, cg_max_time=0.49).item() == 0.0
+
+
+def test_the_training_step_adds_the_guidance_term_it_logs():
+    """The G step's loss is the unguided loss plus cg_scale times `classifier_guidance_term`."""
+    classifier = BrightnessClassifier()
+    step, _ = _training_step(classifier, nfe=2, cg_scale=0.02)
+    g = torch.Generator().manual_seed(1)
+    x0, labels = torch.randn(8, 1, 8, 8, generator=g), torch.arange(8) % 2
+    logs = step(x0, labels, 0)
+    torch.testing.assert_close(logs["loss_g"], logs["adversarial"] + logs["ot_scale"] * logs["ot"] + 0.02 * logs["guidance"])
+    (x_u, u), = classifier.calls  # multi-step: one classifier call on the fakes as they are
+    assert set(u.tolist()) <= {0.0, 0.5}
 
 
 # ----------------------------------------------------------------------------- --init_from, --autoreload_steps

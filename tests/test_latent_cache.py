@@ -2,7 +2,6 @@
 it equal on-the-fly encoding: the same flips and the same posterior draws from the same generator."""
 
 import os
-import sys
 
 import numpy as np
 import PIL.Image
@@ -29,8 +28,7 @@ from diffusers_afm.data import (
     select_flip,
 )
 
-sys.path.insert(0, str(REPO / "examples"))
-import cache_latents  # noqa: E402
+import cache_latents
 
 
 @pytest.fixture(autouse=True)

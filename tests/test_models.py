@@ -36,7 +36,7 @@ def _call(model, x, y, t):
 
 
 def test_paper_parameter_counts():
-    # METHOD.md: generator parameters at 1 NFE, ImageNet 256 latents (4 x 32 x 32), 1000 classes.
+    # docs/method.md: generator parameters at 1 NFE, ImageNet 256 latents (4 x 32 x 32), 1000 classes.
     expected = {"B/2": 129.5, "M/2": 305.4, "L/2": 456.5, "XL/2": 673.2}
     for name, millions in expected.items():
         with torch.device("meta"):
@@ -96,7 +96,7 @@ def test_fused_qkv_projections_give_the_same_output():
 
 
 def test_adaln_zero_initialisation_still_trains():
-    # adaLN-Zero (METHOD.md, model sizes): blocks start as the identity and G's output layer at zero,
+    # adaLN-Zero (docs/method.md, model sizes): blocks start as the identity and G's output layer at zero,
     # yet the gradient reaches every block's modulation, so both networks leave that point at once.
     gen = AdversarialFlowTransformer2DModel(**tiny_generator_config())
     out = gen(torch.randn(2, 4, 8, 8), torch.tensor([0, 1])).sample

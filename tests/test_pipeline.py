@@ -5,15 +5,18 @@ import PIL.Image
 import pytest
 import torch
 from conftest import randomize_, tiny_generator_config
+from diffusers import DiffusionPipeline
 
 from diffusers_afm import AdversarialFlowTransformer2DModel, AFMPipeline, flow
+from diffusers_afm.pipelines import class_grid
+from diffusers_afm.utils import save_pretrained_into
 
 ID2LABEL = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "crane", 3: "crane", 4: "great white shark, white shark"}
 
 
 def _pipe(vae=None, **config):
     torch.manual_seed(0)
-    transformer = randomize_(AdversarialFlowTransformer2DModel(**tiny_generator_config(num_classes=5, **config)))
+    transformer = randomize_(AdversarialFlowTransformer2DModel(**tiny_generator_config(**{"num_classes": 5, **config})))
     return AFMPipeline(transformer=transformer.eval(), vae=vae, id2label=ID2LABEL)
 
 
@@ -83,7 +86,7 @@ def test_output_types(tiny_vae_dir):
     assert pt.shape == (2, 3, 16, 16)
     latent = pipe(**kw, output_type="latent").images
     assert latent.shape == (2, 4, 8, 8)
-    # The decode divides by the VAE's scaling factor (METHOD.md: latents / 0.18215).
+    # The decode divides by the VAE's scaling factor (docs/method.md: latents / 0.18215).
     decoded = pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample
     torch.testing.assert_close(pt, (decoded / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)
     (image,) = pipe(**kw, output_type="np", return_dict=False)
@@ -155,6 +158,117 @@ def test_step_count_and_input_errors_name_the_argument():
     with pytest.raises(ValueError, match="generator"):
         pipe(class_labels=[0, 1], generator=[_seeded()])
 
+
+def test_unconditional_model_samples_a_batch():
+    pipe = _pipe(num_classes=1)
+    images = pipe(batch_size=3, generator=_seeded(4), output_type="latent").images
+    assert images.shape == (3, 4, 8, 8)
+    # The same as class 0 three times; the batch size of `latents` is the default.
+    assert torch.equal(images, pipe(class_labels=[0, 0, 0], generator=_seeded(4), output_type="latent").images)
+    z = torch.randn(2, 4, 8, 8)
+    assert pipe(latents=z, output_type="latent").images.shape == (2, 4, 8, 8)
+    assert pipe(output_type="latent").images.shape == (1, 4, 8, 8)
+    assert pipe(batch_size=2, num_images_per_label=2, output_type="latent").images.shape == (4, 4, 8, 8)
+    with pytest.raises(ValueError, match="batch_size.*positive integer"):
+        pipe(batch_size=0)
+
+
+def test_class_conditional_model_needs_labels():
+    pipe = _pipe()
+    with pytest.raises(ValueError, match=r"class_labels.*required.*class-conditional \(5 classes\)"):
+        pipe()
+    with pytest.raises(ValueError, match=r"class_labels.*required"):
+        pipe(batch_size=2)
+    with pytest.raises(ValueError, match=r"`class_labels` or `batch_size`, not both"):
+        pipe(class_labels=[0], batch_size=2)
+
+
+def test_num_images_per_label_repeats_each_label_in_a_row():
+    pipe = _pipe()
+    repeated = pipe(class_labels=[1, "tench"], num_images_per_label=2, generator=_seeded(5), output_type="latent").images
+    spelled_out = pipe(class_labels=[1, 1, 0, 0], generator=_seeded(5), output_type="latent").images
+    assert repeated.shape == (4, 4, 8, 8) and torch.equal(repeated, spelled_out)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="num_images_per_label"):
+            pipe(class_labels=[0], num_images_per_label=bad)
+
+
+def test_callback_on_step_end_sees_and_replaces_the_latents():
+    pipe = _pipe(use_timestep_src=True, prediction_type="velocity", nfe=2)
+    z = torch.randn(2, 4, 8, 8)
+    labels = torch.tensor([1, 3])
+    seen = []
+
+    def record(pipeline, step_index, timestep, callback_kwargs):
+        seen.append((step_index, float(timestep), callback_kwargs["latents"].clone()))
+        return {}
+
+    out = pipe(class_labels=labels, latents=z, output_type="latent", callback_on_step_end=record).images
+    g = pipe.transformer
+    x1 = z + (0.5 - 1.0) * g(z, labels, 1.0).sample
+    assert [(i, t) for i, t, _ in seen] == [(0, 1.0), (1, 0.5)]
+    torch.testing.assert_close(seen[0][2], x1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen[1][2], out, atol=0, rtol=0)
+
+    # Latents the callback returns are what the next step starts from.
+    def restart_from_zero(pipeline, step_index, timestep, callback_kwargs):
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])} if step_index == 0 else {}
+
+    out = pipe(class_labels=labels, latents=z, output_type="latent", callback_on_step_end=restart_from_zero).images
+    zero = torch.zeros_like(z)
+    torch.testing.assert_close(out, zero + (0.0 - 0.5) * g(zero, labels, 0.5).sample, atol=1e-5, rtol=0)
+
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs.*\['noise'\].*allowed: \['latents'\]"):
+        pipe(class_labels=[0], callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents", "noise"])
+    with pytest.raises(ValueError, match="callback_on_step_end.*callable"):
+        pipe(class_labels=[0], callback_on_step_end="print")
+
+
+def test_diffusers_pipeline_callbacks_name_their_tensors():
+    from diffusers.callbacks import PipelineCallback
+
+    class CountSteps(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            self.steps = getattr(self, "steps", 0) + 1
+            return callback_kwargs
+
+    pipe = _pipe(use_timestep_src=True, use_timestep_tgt=True, prediction_type="velocity", nfe=None)
+    callback = CountSteps()
+    pipe(class_labels=[0], num_inference_steps=3, output_type="latent", callback_on_step_end=callback)
+    assert callback.steps == 3
+
+
+def test_guidance_scale_is_a_clear_error():
+    """Guidance is trained into AFM generators; there is no classifier-free guidance to scale."""
+    with pytest.raises(ValueError, match=r"guidance_scale.*no classifier-free guidance.*guided checkpoint"):
+        _pipe()(class_labels=[0], guidance_scale=4.0)
+
+
+def test_plain_diffusers_loads_the_folders_we_write(tmp_path):
+    """`DiffusionPipeline.from_pretrained` on a folder from `save_pretrained` and from
+    `save_pretrained_into` (what the trainer writes), once diffusers_afm is imported."""
+    pipe = _pipe(in_channels=3)
+    pipe.save_pretrained(tmp_path / "saved")
+    save_pretrained_into(pipe, str(tmp_path / "trained"), last="model_index.json")
+    expected = pipe(class_labels=["tench", 4], generator=_seeded(2), output_type="np").images
+    for folder in ("saved", "trained"):
+        loaded = DiffusionPipeline.from_pretrained(tmp_path / folder)
+        assert type(loaded) is AFMPipeline and type(loaded.transformer) is AdversarialFlowTransformer2DModel
+        assert loaded.labels == pipe.labels and loaded.get_label_ids("great white shark") == [4]
+        assert np.array_equal(loaded(class_labels=["tench", 4], generator=_seeded(2), output_type="np").images, expected)
+
+
+def test_class_grid_labels_its_rows():
+    pipe = _pipe(in_channels=3)
+    plain = class_grid(pipe, num_rows=3, per_class=2)
+    labelled = class_grid(pipe, num_rows=3, per_class=2, label_rows=True)
+    margin = labelled.size[0] - plain.size[0]
+    assert labelled.size[1] == plain.size[1] and margin > 0
+    # The images are where they were, moved right by the margin, and text is drawn in the margin.
+    assert np.array_equal(np.asarray(labelled)[:, margin:], np.asarray(plain))
+    assert (np.asarray(labelled)[:, :margin] < 128).any()
 
 
 def test_cuda_graph_needs_a_cuda_device():

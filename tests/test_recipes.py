@@ -1,4 +1,4 @@
-"""The published runs' config files (examples/configs/): they load, hold METHOD.md's values, and
+"""The published runs' config files (examples/configs/): they load, hold docs/method.md's values, and
 each one trains at toy size (the same settings, a tiny model on the embedded digits) and samples."""
 
 import json
@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 
 from diffusers_afm import AdversarialFlowClassifier, AFMPipeline
 
-sys.path.insert(0, str(REPO / "examples"))
-import train_afm  # noqa: E402
-import train_afm_classifier  # noqa: E402
+import train_afm
+import train_afm_classifier
 
 TINY = str(REPO / "tests" / "fixtures" / "tiny_model.json")
 CONFIGS = REPO / "examples" / "configs"
@@ -67,7 +66,7 @@ def test_dry_run_prints_the_config_values(name, capsys, tmp_path):
 
 @pytest.mark.parametrize("name", [n for n in CONFIG_NAMES if not n.startswith("classifier")])
 def test_configs_hold_method_values(name, capsys):
-    """METHOD.md's recipe, checked on what the trainer resolves (not only on the file)."""
+    """docs/method.md's recipe, checked on what the trainer resolves (not only on the file)."""
     s = _dry_run(capsys, train_afm, "--config", str(CONFIGS / f"{name}.json"))
     multi, guided, deep = s["nfe"] != 1, name.endswith("guided"), s["depth_repeat"] > 1
     assert (s["learning_rate"], s["discriminator_learning_rate"]) == (1e-4, 1e-4)
@@ -206,7 +205,7 @@ def test_every_config_trains_at_toy_size(name, toy_runs):
         with pytest.raises(ValueError, match=f"trained for {nfe}-step"):
             pipe(class_labels=labels, num_inference_steps=1)
 
-    # METHOD.md, deep models: the generator's learning rate is the discriminator's divided by R.
+    # docs/method.md, deep models: the generator's learning rate is the discriminator's divided by R.
     lr_g = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)["param_groups"][0]["lr"]
     lr_d = torch.load(out / "checkpoint-2" / "optimizer_1.bin", weights_only=True)["param_groups"][0]["lr"]
     assert lr_g == pytest.approx(1e-4 / config["depth_repeat"]) and lr_d == pytest.approx(1e-4)

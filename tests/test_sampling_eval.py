@@ -20,15 +20,16 @@ from diffusers_afm.evaluation import (
     iter_npz_images,
     load_feature_extractor,
     load_reference,
+    parse_class_labels,
     plan_batches,
     sample_class_labels,
     sample_seed,
     write_samples_npz,
 )
+from diffusers_afm.utils import DTYPES, resolve_dtype
 
-sys.path.insert(0, str(REPO / "examples"))
-import evaluate_afm  # noqa: E402
-import sample_afm  # noqa: E402
+import evaluate_afm
+import sample_afm
 
 # The tiny feature network is TorchScript, which torch 2.13 marks deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -107,6 +108,19 @@ def test_seeds_labels_and_batches_are_functions_of_the_index():
         assert [list(b) for b in batches] == [list(range(s, min(s + 4, 18))) for s in range(0, 18, 4)]
 
 
+def test_class_labels_and_dtype_flags_shared_by_the_scripts():
+    assert parse_class_labels("3, 1,,2") == [3, 1, 2]
+    for bad in ("1,x", ","):
+        with pytest.raises(ValueError, match="--class_labels"):
+            parse_class_labels(bad)
+    # argparse turns the error into its own usage message, naming the flag.
+    with pytest.raises(SystemExit):
+        evaluate_afm.build_parser().parse_args(["--npz", "s.npz", "--reference_stats", "r.npz", "--class_labels", "a"])
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == DTYPES["float16"] == torch.float16
+
+
 # ----------------------------------------------------------------------------- sample_afm
 
 
@@ -138,8 +152,6 @@ def test_sampling_one_vs_two_processes_and_resume(tmp_path, pipeline_dir, featur
 
     driver = tmp_path / "driver.py"
     driver.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(REPO / 'examples')!r})\n"
         "import evaluate_afm, sample_afm\n"
         f"sample_afm.main(['--pipeline', {pipeline_dir!r}, '--output_dir', {str(tmp_path / 'split')!r},"
         " '--per_class', '6', '--batch_size', '4', '--num_writers', '2'])\n"
@@ -149,7 +161,9 @@ def test_sampling_one_vs_two_processes_and_resume(tmp_path, pipeline_dir, featur
         "import cache_latents\n"
         f"cache_latents.main({cache_flags + ['--output_dir', str(tmp_path / 'cache2')]!r})\n"
     )
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    # The driver imports the example scripts, as a script placed in examples/ would.
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "examples"), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -305,7 +319,6 @@ def test_trainer_evaluates_every_eval_steps(tmp_path, feature_net, caplog):
     """--eval_steps runs the same evaluation as evaluate_afm.py on the EMA generator and logs it."""
     import logging
 
-    sys.path.insert(0, str(REPO / "examples"))
     import train_afm
     from diffusers_afm.data import digits_dataset
 
@@ -326,7 +339,6 @@ def test_trainer_evaluates_every_eval_steps(tmp_path, feature_net, caplog):
 
 
 def test_trainer_rejects_a_missing_eval_reference(tmp_path):
-    sys.path.insert(0, str(REPO / "examples"))
     import train_afm
 
     with pytest.raises(ValueError, match="--eval_reference"):

@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from diffusers_afm import AFMPipeline
 
-sys.path.insert(0, str(REPO / "examples"))
-import train_afm  # noqa: E402
+import train_afm
 
 TINY = str(REPO / "tests" / "fixtures" / "tiny_model.json")
 

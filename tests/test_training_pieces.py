@@ -1,5 +1,5 @@
 """Unit tests of the pure training pieces: pairs, losses, gradient normalization, schedules,
-augmentation and EMA (METHOD.md, "Which (s, t) pairs are trained", "Losses", "Training recipe")."""
+augmentation and EMA (docs/method.md, "Which (s, t) pairs are trained", "Losses", "Training recipe")."""
 
 import math
 from pathlib import Path
@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from diffusers_afm.flow import interpolate
@@ -16,7 +15,6 @@ from diffusers_afm.training.ema import ModelEMA
 from diffusers_afm.training.grad_norm import GradientNormalization
 from diffusers_afm.training.losses import (
     approximated_gradient_penalty,
-    classifier_guidance_loss,
     discriminator_loss,
     generator_loss,
     ot_loss,
@@ -205,13 +203,6 @@ def test_generator_loss_adds_the_scaled_ot_term():
     assert set(parts) == {"loss_g", "adversarial", "ot"}
 
 
-def test_classifier_guidance_loss_is_cross_entropy():
-    assert classifier_guidance_loss(torch.zeros(3, 4), torch.tensor([0, 1, 3])).item() == pytest.approx(math.log(4))
-    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    labels = torch.tensor([0, 0])
-    assert torch.allclose(classifier_guidance_loss(logits, labels), F.cross_entropy(logits, labels))
-
-
 # ----------------------------------------------------------------------------------------------
 # gradient normalization
 
@@ -360,12 +351,34 @@ def test_augment_draws_an_independent_transform_per_sample():
     assert len({tuple(mask.flatten().tolist()) for mask in erased}) == 8
 
 
-def test_augment_coin_is_per_sample():
-    real = positive_images(400)
-    real_aug, fake_aug = augment_pair(real, real, p=0.5, generator=seeded())
-    untouched = (real_aug == real).flatten(1).all(dim=1)
-    assert 0.4 < untouched.float().mean().item() < 0.6
+def changed(augmented: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    return (augmented != original).flatten(1).any(dim=1)  # (N,)
+
+
+def test_augment_draws_each_operation_independently_per_sample():
+    """The reference: translation and each erasing on its own p-coin; at p = 0.4 a sample is left
+    untouched with probability 0.6^4 = 0.13 (one coin for the whole chain would leave 0.6)."""
+    real = positive_images(4000)
+    real_aug, fake_aug = augment_pair(real, real, p=0.4, generator=seeded())
+    untouched = ~changed(real_aug, real)
+    # A translation drawn as (0, 0) also leaves a sample as it was: 1 in 11^2 here (16 px, 30%).
+    expected = 0.6**4 * (1 + 0.4 / 0.6 / 121)
+    assert abs(untouched.float().mean().item() - expected) < 0.02
+    assert torch.equal(real_aug, fake_aug)
     assert (real_aug[~untouched] == 0).flatten(1).any(dim=1).all()
+
+
+@pytest.mark.parametrize("p", [0.25, 0.4, 0.8])
+def test_augment_each_operation_applies_at_rate_p(p):
+    real = positive_images(4000)
+    translated, _ = augment_pair(real, real, p=p, num_erasing=0, generator=seeded(1))
+    rate = changed(translated, real).float().mean().item()
+    assert abs(rate - p * (1 - 1 / 121)) < 0.025  # a (0, 0) shift changes nothing
+    erased, _ = augment_pair(real, real, p=p, translation=0.0, num_erasing=1, generator=seeded(2))
+    assert abs(changed(erased, real).float().mean().item() - p) < 0.025
+    # Three erasings with independent coins: some erased rectangle with probability 1 - (1 - p)^3.
+    erased3, _ = augment_pair(real, real, p=p, translation=0.0, num_erasing=3, generator=seeded(3))
+    assert abs(changed(erased3, real).float().mean().item() - (1 - (1 - p) ** 3)) < 0.025
 
 
 def test_augment_erasing_covers_ten_to_fifty_percent():

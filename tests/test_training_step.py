@@ -18,14 +18,14 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-def _setup(nfe=1, **objective):
+def _setup(nfe=1, mixed_precision="no", **objective):
     torch.manual_seed(0)
     multi = nfe != 1
     gen = AdversarialFlowTransformer2DModel(**tiny_generator_config(
         use_timestep_src=multi, use_timestep_tgt=nfe is None, nfe=nfe,
         prediction_type="velocity" if multi else "sample"))
     dis = randomize_(AdversarialFlowDiscriminator(**tiny_generator_config(use_timestep=multi)))
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
     opt_d = torch.optim.AdamW(dis.parameters(), lr=1e-3, betas=(0.0, 0.9))
     gen, dis, opt_g, opt_d = accelerator.prepare(gen, dis, opt_g, opt_d)
@@ -110,3 +110,45 @@ def test_objective_rejects_bad_settings():
         AFMObjective(gp_batch_ratio=2.0)
     with pytest.raises(ValueError, match="prediction_type"):
         AFMObjective(prediction_type="epsilon")
+
+
+# ----------------------------------------------------------------------------- precision of R1/R2
+def test_discriminator_runs_its_first_samples_in_full_precision_under_autocast():
+    dis = randomize_(AdversarialFlowDiscriminator(**tiny_generator_config(use_timestep=True)))
+    x, labels = _batch(6)
+    t = torch.rand(6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = dis(x, labels, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = dis(x, labels, t)
+            split = dis(x, labels, t, full_precision_samples=4)
+    torch.testing.assert_close(split[:4], reference[:4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split[4:], rounded[4:], rtol=1e-5, atol=1e-6)  # the rest stays in bf16
+    assert not torch.allclose(rounded[:4], reference[:4], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="full_precision_samples"):
+        dis(x, labels, t, full_precision_samples=7)
+
+
+def _penalties(mixed_precision, gp_full_precision, steps=4):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # each call its own precision
+    step, _, dis, _ = _setup(mixed_precision=mixed_precision, gp_full_precision=gp_full_precision, gp_batch_ratio=0.5)
+    x0, labels = _batch(16)
+    with torch.no_grad():
+        for p in dis.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    step.optimizer_d.param_groups[0]["lr"] = 0.0  # the same discriminator at every step
+    logs = [step.discriminator_step(x0, labels, i) for i in range(steps)]
+    return torch.stack([l["r1"] for l in logs]).mean().item(), torch.stack([l["r2"] for l in logs]).mean().item()
+
+
+def test_bf16_gives_the_fp32_penalty_with_the_full_precision_split():
+    """The approximated R1/R2 under bf16 autocast: within 10% of fp32 with the split (the default),
+    inflated by rounding without it."""
+    fp32 = _penalties("no", True)
+    fixed = _penalties("bf16", True)
+    rounded = _penalties("bf16", False)
+    for reference, value in zip(fp32, fixed):
+        assert abs(value / reference - 1) < 0.1
+    assert max(value / reference for reference, value in zip(fp32, rounded)) > 1.5

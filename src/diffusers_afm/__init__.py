@@ -2,8 +2,11 @@
 
 __version__ = "0.1.0"
 
+import diffusers
+
 # diffusers resolves a pipeline component's library among already-imported modules, so the models
 # and the pipeline are imported here.
+from .hub import make_model_card, save_model_card
 from .models import (
     AFM_PRESETS,
     AdversarialFlowClassifier,
@@ -11,7 +14,12 @@ from .models import (
     AdversarialFlowTransformer2DModel,
     preset_config,
 )
-from .pipelines import AFMPipeline
+from .pipelines import AFMPipeline, export_standalone
+
+# `DiffusionPipeline.from_pretrained` looks the `_class_name` of model_index.json up on the diffusers
+# module itself, so after `import diffusers_afm` it finds "AFMPipeline" there, and the folders we
+# write load in plain diffusers.
+diffusers.AFMPipeline = AFMPipeline
 
 __all__ = [
     "AFMPipeline",
@@ -19,5 +27,8 @@ __all__ = [
     "AdversarialFlowClassifier",
     "AdversarialFlowDiscriminator",
     "AdversarialFlowTransformer2DModel",
+    "export_standalone",
+    "make_model_card",
     "preset_config",
+    "save_model_card",
 ]

@@ -1,4 +1,4 @@
-"""The flow that every part of AFM shares (METHOD.md, "Notation" and "Generator").
+"""The flow that every part of AFM shares (docs/method.md, "Notation" and "Generator").
 
 Rectified-flow convention: t = 1 is pure noise, t = 0 is data. These three functions are the only
 place where the interpolation, the sampling time grid and the x-/v-prediction update are written;
@@ -55,7 +55,7 @@ def sample(
     prediction_type: str,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
 ) -> torch.Tensor:
-    """N-step sampling from `z` (METHOD.md, "Sampling with N steps").
+    """N-step sampling from `z` (docs/method.md, "Sampling with N steps").
 
     `model_fn(x_s, s, t)` is the generator with its conditioning bound, `s` and `t` one time per
     sample; `progress` may wrap the step loop (e.g. a progress bar). N = 1 is a single forward.

@@ -1,10 +1,13 @@
-"""Small helpers shared by the library and the example scripts: writing outputs atomically."""
+"""Small helpers shared by the library and the example scripts: writing outputs atomically, and
+parsing the flags that several scripts share."""
 
 import argparse
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+
+import torch
 
 
 def _umask() -> int:
@@ -112,3 +115,13 @@ def parse_nfe(value) -> "int | None":
     if nfe < 1:
         raise FlagValueError(f"`--nfe` must be a positive integer or 'any', got {value!r}.")
     return nfe
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`--dtype`: a name in `DTYPES`, or `'auto'`: bfloat16 on a GPU, float32 elsewhere."""
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return DTYPES[name]

@@ -2,6 +2,7 @@ from .official import (
     convert_official_classifier,
     convert_official_discriminator,
     convert_official_generator,
+    infer_reference_kwargs,
     strip_wrapper_prefixes,
 )
 
@@ -9,5 +10,6 @@ __all__ = [
     "convert_official_classifier",
     "convert_official_discriminator",
     "convert_official_generator",
+    "infer_reference_kwargs",
     "strip_wrapper_prefixes",
 ]

@@ -1,27 +1,41 @@
-"""`afm-convert`: turn a released AFM generator checkpoint into an `AFMPipeline` folder.
+r"""`afm-convert`: turn a released AFM generator checkpoint into an `AFMPipeline` folder.
 
     afm-convert --checkpoint xl2_1nfe_guided_FID2.38.pth --model_size XL/2 --nfe 1 \
         --vae stabilityai/sd-vae-ft-mse --output_dir afm-xl2-1nfe
 
-The model's shape (width, depth, patch size, channels, classes, input size) is read off the
-checkpoint; `--model_size` supplies the head count (and is checked against the shapes).
+The model's shape (width, depth, patch size, channels, classes, input size) and its time
+embedders are read off the checkpoint; the head count comes from `--model_size`, `--num_heads` or
+the paper preset of that depth and width. The folder gets a model card (README.md), and with
+`--standalone` the generated code that lets it load without diffusers-afm.
+
+A bad flag exits with status 2 and a bad checkpoint file with status 1, each with a one-line error.
 """
 
 import argparse
 import json
 import os
+import pickle
+import sys
+import zipfile
 from importlib import resources
 from typing import Dict, Optional
 
 import torch
 
+from ..data.training_data import DEFAULT_VAE
 from ..models.transformer_afm import AFM_PRESETS
-from ..utils import atomic_save_pretrained, parse_nfe
+from ..utils import FlagValueError, atomic_directory, parse_nfe
 from .official import convert_official_generator, strip_wrapper_prefixes
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+IMAGENET_DATASET = "ILSVRC/imagenet-1k"
 # Keys under which training scripts commonly nest the weights; the EMA weights are what samples well.
 _NESTED_KEYS = ("ema", "model_ema", "state_dict", "model", "gen", "generator")
+_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+_EXPECTED = "a state dict of tensors written by torch.save (.pth/.pt/.bin/.ckpt) or by safetensors (.safetensors)"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or holds no state dict of the expected layout."""
 
 
 def imagenet_id2label() -> Dict[int, str]:
@@ -30,128 +44,203 @@ def imagenet_id2label() -> Dict[int, str]:
     return {int(k): v for k, v in json.loads(text).items()}
 
 
-def load_checkpoint(path: str, state_dict_key: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Read a `.pth`/`.pt` (safely: `weights_only=True`) or `.safetensors` state dict."""
+def _reason(err: Exception) -> str:
+    """One line from a loader's error: torch's weights-only refusal is a page long, and its last
+    line ("WeightsUnpickler error: ...") is the one that says what was refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refusal = [line for line in lines if line.startswith("WeightsUnpickler error")]
+    line = (refusal[0] if refusal else (lines[0] if lines else "")).split(". ")[0].rstrip(".")
+    return f"{type(err).__name__}: {line[:200]}"
+
+
+def load_reference_state_dict(path: str, state_dict_key: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Read a `.pth`/`.pt`/`.bin`/`.ckpt` (safely: `weights_only=True`, which runs no code) or
+    `.safetensors` state dict; the weights nested under a common key (or `state_dict_key`) are found.
+
+    Raises `FileNotFoundError` for a missing file, `FlagValueError` for a file name it does not
+    read, and `CheckpointError` for a file it cannot read or that holds no state dict.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`--checkpoint`: no file at {path!r}.")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    if not path.endswith(_SUFFIXES):
+        raise FlagValueError(f"`--checkpoint` must be a {', '.join(_SUFFIXES)} file, got {path!r}.")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        obj = load_file(path)
-    elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"`--checkpoint` must be a .pth, .pt, .bin, .ckpt or .safetensors file, got {path!r}.")
+            obj = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch and safetensors raise many types (RuntimeError, KeyError, OSError, ...)
+        if path.endswith(".safetensors"):
+            detail = f"not a complete safetensors file ({_reason(err)})"
+        elif not zipfile.is_zipfile(path):
+            detail = "not a complete torch.save archive (a zip file): truncated, or not a PyTorch checkpoint"
+        elif isinstance(err, pickle.UnpicklingError):
+            detail = f"it holds objects other than tensors, which torch.load(weights_only=True) refuses ({_reason(err)})"
+        else:
+            detail = _reason(err)
+        raise CheckpointError(f"`--checkpoint` {path!r} cannot be read: {detail}; expected {_EXPECTED}.") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"`--checkpoint` {path!r} holds a {type(obj).__name__}, not a state dict; expected {_EXPECTED}.")
     if state_dict_key is not None:
         if state_dict_key not in obj:
-            raise ValueError(f"`--state_dict_key`: {state_dict_key!r} is not in the checkpoint; it has {sorted(obj)}.")
+            raise FlagValueError(f"`--state_dict_key`: {state_dict_key!r} is not in {path!r}; it has {sorted(map(str, obj))}.")
         obj = obj[state_dict_key]
     elif not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in _NESTED_KEYS:
-            if key in obj:
+            if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
         else:
-            raise ValueError(f"No tensors at the top of the checkpoint; pick one of {sorted(obj)} with `--state_dict_key`.")
+            raise CheckpointError(
+                f"`--checkpoint` {path!r} has no tensors at its top level; pick the weights among "
+                f"{sorted(map(str, obj))} with `--state_dict_key`."
+            )
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"`--checkpoint` {path!r}: the selected entry is not a state dict of tensors.")
     return strip_wrapper_prefixes(obj)
 
 
-def infer_reference_kwargs(state_dict: Dict[str, torch.Tensor], model_size: Optional[str], num_heads: Optional[int]) -> dict:
-    """Reference constructor arguments, read off the shapes (the head count comes from the size)."""
-    try:
-        proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
-        num_tokens = state_dict["pos_embed"].shape[1]
-        num_classes = state_dict["y_embedder.embedding_table.weight"].shape[0]
-    except KeyError as err:
-        raise ValueError(f"`--checkpoint` is not an AFM generator in the reference layout: missing key {err}.") from None
-    hidden_size, in_channels, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
-    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-    if model_size is not None:
-        if model_size not in AFM_PRESETS:
-            raise ValueError(f"`--model_size` must be one of {', '.join(AFM_PRESETS)}, got {model_size!r}.")
-        preset = AFM_PRESETS[model_size]
-        preset_width = preset["num_attention_heads"] * preset["attention_head_dim"]
-        if (preset["num_layers"], preset_width) != (depth, hidden_size):
-            raise ValueError(
-                f"`--model_size` {model_size} has {preset['num_layers']} layers of width {preset_width}, but the "
-                f"checkpoint has {depth} layers of width {hidden_size}."
-            )
-        num_heads = num_heads or preset["num_attention_heads"]
-    if num_heads is None:
-        raise ValueError("Pass `--model_size` (B/2, M/2, L/2, XL/2, S/2) or `--num_heads`: heads cannot be read off the weights.")
-    return dict(
-        input_size=int(round(num_tokens**0.5)) * patch_size,
-        patch_size=patch_size,
-        in_channels=in_channels,
-        hidden_size=hidden_size,
-        depth=depth,
-        num_heads=num_heads,
-        num_classes=num_classes,
-        learn_sigma=False,
-        class_dropout_prob=0.0,
-    )
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="Generator state dict (.pth read with weights_only=True, or .safetensors).")
-    parser.add_argument("--output_dir", required=True, help="Where to write the AFMPipeline folder.")
-    parser.add_argument("--model_size", default=None, help=f"One of {', '.join(AFM_PRESETS)} (gives the head count).")
-    parser.add_argument("--num_heads", type=int, default=None, help="Head count, for a size that is not a preset.")
-    parser.add_argument("--nfe", default="1", help="Steps the model was trained for: 1, 2, 4, ... or 'any'.")
-    parser.add_argument("--depth_repeat", type=int, default=1, help="Deep models: 2 (56 layers) or 4 (112 layers).")
-    parser.add_argument("--vae", default=DEFAULT_VAE, help="Local folder or Hub id of the VAE, or 'none' for pixel space.")
-    parser.add_argument("--class_names", default="imagenet", help="'imagenet', a JSON file {id: name}, or 'none'.")
-    parser.add_argument("--state_dict_key", default=None, help="Key of the weights inside a nested checkpoint (e.g. 'ema').")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="Dtype of the saved weights.")
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to the Hub as --hub_model_id.")
-    parser.add_argument("--hub_model_id", default=None)
+    parser = _OneLineErrors(
+        prog="afm-convert",
+        description=__doc__,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
+    )
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="Generator state dict (.pth read with weights_only=True, or .safetensors).")
+    add("--output_dir", required=True, help="Where to write the AFMPipeline folder (replaced as a whole).")
+    add("--model_size", default=None, choices=list(AFM_PRESETS),
+        help="Preset size, for the head count (default: the preset of the checkpoint's depth and width).")
+    add("--num_heads", type=int, default=None, help="Head count, for a size that is not a preset (default: from --model_size).")
+    add("--nfe", type=parse_nfe, default=None,
+        help="Steps the model was trained for: 1, 2, 4, ... or 'any' (default: 1 without a time embedder, "
+        "'any' with a target-time embedder).")
+    add("--depth_repeat", type=int, default=1, help="Deep models: 2 (56 layers) or 4 (112 layers) (default: %(default)s).")
+    add("--vae", default=DEFAULT_VAE, help="Local folder or Hub id of the VAE, or 'none' for pixel space (default: %(default)s).")
+    add("--class_names", default="imagenet",
+        help="'imagenet' (used for 1000 classes), a JSON file {id: name}, or 'none' (default: %(default)s).")
+    add("--state_dict_key", default=None,
+        help=f"Key of the weights inside a nested checkpoint, e.g. 'ema' (default: the first of {', '.join(_NESTED_KEYS)} found).")
+    add("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="Dtype of the saved weights (default: %(default)s).")
+    add("--standalone", action="store_true",
+        help="Also write the generated code with which the folder loads without diffusers-afm "
+        "(DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)).")
+    add("--dataset", default=None, help=f"Training data named on the model card (default: {IMAGENET_DATASET} for ImageNet class names).")
+    add("--license", default=None, help="Licence id of the weights for the model card (default: none stated).")
+    add("--push_to_hub", action="store_true", help="Upload the folder to the Hub as --hub_model_id.")
+    add("--hub_model_id", default=None, help="Hub repository (default: the output folder's name, in your namespace).")
     return parser
 
 
-def main(argv=None) -> str:
-    args = build_parser().parse_args(argv)
-    # Check every argument before loading anything large.
-    nfe = parse_nfe(args.nfe)
-    if args.depth_repeat < 1 or (args.depth_repeat > 1 and nfe != 1):
-        raise ValueError(f"`--depth_repeat` must be >= 1, and > 1 only with --nfe 1; got {args.depth_repeat} with --nfe {args.nfe}.")
+def _check_flags(args: argparse.Namespace) -> None:
+    """Every flag, before anything large is read."""
+    if args.depth_repeat < 1 or (args.depth_repeat > 1 and args.nfe not in (1, None)):
+        raise FlagValueError(
+            f"`--depth_repeat` must be >= 1, and > 1 only for a 1-NFE model; got {args.depth_repeat} with --nfe {args.nfe}."
+        )
+    if args.num_heads is not None and args.num_heads < 1:
+        raise FlagValueError(f"`--num_heads` must be a positive integer, got {args.num_heads}.")
     if args.class_names not in ("imagenet", "none") and not os.path.isfile(args.class_names):
-        raise ValueError(f"`--class_names` must be 'imagenet', 'none' or a JSON file, got {args.class_names!r}.")
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("`--push_to_hub` needs `--hub_model_id`.")
+        raise FlagValueError(f"`--class_names` must be 'imagenet', 'none' or a JSON file, got {args.class_names!r}.")
 
-    state_dict = load_checkpoint(args.checkpoint, args.state_dict_key)
-    kwargs = infer_reference_kwargs(state_dict, args.model_size, args.num_heads)
-    use_t_src = "t_embedder.mlp.0.weight" in state_dict and args.depth_repeat == 1
-    use_t_tgt = "t_tgt_embedder.mlp.0.weight" in state_dict
-    if args.depth_repeat > 1:
-        kwargs["repeat"] = args.depth_repeat
-    transformer = convert_official_generator(state_dict, use_t_src=use_t_src, use_t_tgt=use_t_tgt, nfe=nfe, **kwargs)
-    if args.dtype != "float32":
-        transformer = transformer.to(getattr(torch, args.dtype))
 
+def _load_class_names(args: argparse.Namespace, num_classes: int) -> Optional[Dict[int, str]]:
+    if args.class_names == "none":
+        return None
+    if args.class_names == "imagenet":
+        return imagenet_id2label() if num_classes == 1000 else None
+    try:
+        with open(args.class_names, encoding="utf-8") as f:
+            return {int(k): str(v) for k, v in json.load(f).items()}
+    except (ValueError, AttributeError) as err:
+        raise FlagValueError(f"`--class_names` {args.class_names!r} is not a JSON object {{id: name}} ({_reason(err)}).") from None
+
+
+def convert(args: argparse.Namespace) -> str:
+    """Run a conversion from parsed flags; returns the output folder."""
+    from ..hub import save_model_card
+    from ..pipelines import AFMPipeline, export_standalone
+
+    _check_flags(args)
     vae = None
     if args.vae.lower() != "none":
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(args.vae, subfolder="vae" if os.path.isdir(os.path.join(args.vae, "vae")) else None)
-    if args.class_names == "imagenet":
-        id2label = imagenet_id2label() if kwargs["num_classes"] == 1000 else None
-    elif args.class_names == "none":
-        id2label = None
-    else:
-        with open(args.class_names, encoding="utf-8") as f:
-            id2label = {int(k): v for k, v in json.load(f).items()}
+        subfolder = "vae" if os.path.isdir(os.path.join(args.vae, "vae")) else None
+        try:
+            vae = AutoencoderKL.from_pretrained(args.vae, subfolder=subfolder)
+        except (OSError, ValueError) as err:  # not a folder, not on the Hub, or offline and not cached
+            raise FlagValueError(
+                f"`--vae` {args.vae!r} cannot be loaded ({_reason(err)}); pass a local VAE folder, a Hub id "
+                "(online or cached), or 'none' for a pixel-space model."
+            ) from None
+    repo_id = None
+    if args.push_to_hub:
+        from huggingface_hub import create_repo
 
-    from ..pipelines import AFMPipeline
+        # Before the conversion, so that a missing token or a taken name fails first.
+        repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True).repo_id
+
+    state_dict = load_reference_state_dict(args.checkpoint, args.state_dict_key)
+    try:
+        transformer = convert_official_generator(
+            state_dict,
+            nfe=-1 if args.nfe is None else args.nfe,
+            repeat=args.depth_repeat,
+            model_size=args.model_size,
+            num_heads=args.num_heads,
+        )
+    except ValueError as err:
+        raise CheckpointError(f"`--checkpoint` {args.checkpoint!r}: {err}") from None
+    if args.dtype != "float32":
+        transformer = transformer.to(getattr(torch, args.dtype))
+    num_classes = transformer.config.num_classes
+    id2label = _load_class_names(args, num_classes)
+    dataset = args.dataset or (IMAGENET_DATASET if args.class_names == "imagenet" and num_classes == 1000 else None)
 
     pipe = AFMPipeline(transformer=transformer, vae=vae, id2label=id2label)
-    atomic_save_pretrained(pipe, args.output_dir)
+    # The folder appears complete or not at all: weights, generated code, card.
+    with atomic_directory(args.output_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if args.standalone:
+            export_standalone(tmp)
+        save_model_card(
+            tmp,
+            repo_id=repo_id or os.path.basename(os.path.abspath(args.output_dir)),
+            dataset=dataset,
+            description=f"Converted with `afm-convert` from the reference checkpoint `{os.path.basename(args.checkpoint)}`.",
+            license=args.license,
+        )
     print(f"Wrote an AFMPipeline ({transformer.num_parameters() / 1e6:.1f}M parameters) to {args.output_dir}")
-    if args.push_to_hub:
-        pipe.push_to_hub(args.hub_model_id)
+    if repo_id is not None:
+        from huggingface_hub import upload_folder
+
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="afm-convert")
+        print(f"Uploaded to https://huggingface.co/{repo_id}")
     return args.output_dir
 
 
+def main(argv=None) -> None:
+    """The `afm-convert` command: exit status 0 on success, 2 for a bad flag, 1 for a bad checkpoint,
+    each error on one line (no traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        convert(args)
+    except (FlagValueError, FileNotFoundError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except ValueError as err:  # CheckpointError, and the converter's key and shape checks
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

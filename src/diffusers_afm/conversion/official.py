@@ -1,6 +1,6 @@
 """Load the authors' released checkpoints (the reference DiT layout) into our models.
 
-The reference layout (METHOD.md, "Reference checkpoint layout") differs from ours in three ways
+The reference layout (docs/method.md, "Reference checkpoint layout") differs from ours in three ways
 that matter: `qkv` is one fused Linear (we keep diffusers' separate `to_q/to_k/to_v`), the final
 adaLN emits (shift, scale) where diffusers' `AdaLayerNormContinuous` takes (scale, shift), and
 `pos_embed` is a stored copy of the fixed sin-cos table that we recompute (and check).
@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..models import AdversarialFlowClassifier, AdversarialFlowDiscriminator, AdversarialFlowTransformer2DModel
+from ..models import AFM_PRESETS, AdversarialFlowClassifier, AdversarialFlowDiscriminator, AdversarialFlowTransformer2DModel
 
 # (reference key pattern, our key template) shared by the three networks.
 _TRUNK_RULES = [
@@ -127,6 +127,70 @@ def _check_pos_embed(tensor: torch.Tensor, model: torch.nn.Module) -> None:
         raise ValueError("Checkpoint key `pos_embed` is not the fixed 2-D sin-cos table this model computes.")
 
 
+def infer_reference_kwargs(
+    state_dict: Dict[str, torch.Tensor], model_size: Optional[str] = None, num_heads: Optional[int] = None
+) -> dict:
+    """The reference constructor's arguments (`input_size, patch_size, in_channels, hidden_size,
+    depth, num_heads, num_classes`), read off the shapes of a generator, discriminator or classifier.
+
+    The head count changes no shape: it is `num_heads`, else the `model_size` preset's, else that of
+    the paper preset with the checkpoint's depth and width (every released checkpoint has one).
+    `num_classes` is the class embedding's row count (AFM trains without a "null" class), or the
+    classifier head's width.
+    """
+    state_dict = strip_wrapper_prefixes(state_dict)
+    try:
+        proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
+        num_tokens = state_dict["pos_embed"].shape[1]
+        classes = state_dict[_LABEL_KEY] if _LABEL_KEY in state_dict else state_dict["final_layer.1.weight"]
+    except KeyError as err:
+        raise ValueError(f"Not an AFM checkpoint in the reference layout: it has no key {err}.") from None
+    hidden_size, in_channels, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
+    blocks = {int(k.split(".")[1]) for k in state_dict if re.match(r"blocks\.\d+\.", k)}
+    if not blocks:
+        raise ValueError("Not an AFM checkpoint in the reference layout: it has no `blocks.<i>.*` keys.")
+    depth = 1 + max(blocks)
+    preset_heads = {
+        (p["num_layers"], p["num_attention_heads"] * p["attention_head_dim"]): p["num_attention_heads"]
+        for p in AFM_PRESETS.values()
+    }
+    if model_size is not None:
+        if model_size not in AFM_PRESETS:
+            raise ValueError(f"`model_size` (`--model_size`) must be one of {', '.join(AFM_PRESETS)}, got {model_size!r}.")
+        preset = AFM_PRESETS[model_size]
+        preset_width = preset["num_attention_heads"] * preset["attention_head_dim"]
+        if (preset["num_layers"], preset_width) != (depth, hidden_size):
+            raise ValueError(
+                f"`model_size` (`--model_size`) {model_size} has {preset['num_layers']} layers of width {preset_width}, "
+                f"but the checkpoint has {depth} layers of width {hidden_size}."
+            )
+        num_heads = num_heads or preset["num_attention_heads"]
+    num_heads = num_heads or preset_heads.get((depth, hidden_size))
+    if num_heads is None:
+        raise ValueError(
+            f"The checkpoint ({depth} layers of width {hidden_size}) is not a preset size, and the head count "
+            "cannot be read off the weights: pass `num_heads` (`--num_heads`)."
+        )
+    return dict(
+        input_size=int(round(num_tokens**0.5)) * patch_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        hidden_size=hidden_size,
+        depth=depth,
+        num_heads=num_heads,
+        num_classes=classes.shape[0],
+    )
+
+
+def _with_inferred(state_dict: Dict[str, torch.Tensor], given: dict, model_size: Optional[str]) -> dict:
+    """`given` constructor arguments, completed with those read off the weights."""
+    needed = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes")
+    if model_size is None and all(given.get(k) is not None for k in needed):
+        return given
+    inferred = infer_reference_kwargs(state_dict, model_size, given.get("num_heads"))
+    return {**inferred, **{k: v for k, v in given.items() if v is not None}}
+
+
 def _trunk_config(
     input_size: int,
     patch_size: int,
@@ -161,21 +225,33 @@ def _load(model: torch.nn.Module, converted: Dict[str, torch.Tensor]) -> torch.n
 def convert_official_generator(
     state_dict: Dict[str, torch.Tensor],
     *,
-    num_classes: int,
-    use_t_src: bool = False,
-    use_t_tgt: bool = False,
+    num_classes: Optional[int] = None,
+    use_t_src: Optional[bool] = None,
+    use_t_tgt: Optional[bool] = None,
     repeat: int = 1,
     prediction_type: Optional[str] = None,
     nfe: Optional[int] = -1,
+    model_size: Optional[str] = None,
     **reference_kwargs,
 ) -> AdversarialFlowTransformer2DModel:
     """A reference `Generator` / `GeneratorDeep` state dict as an `AdversarialFlowTransformer2DModel`.
 
     `reference_kwargs` are the reference constructor's (`input_size, patch_size, in_channels,
-    hidden_size, depth, num_heads, learn_sigma, class_dropout_prob`). `prediction_type` defaults to
-    x-prediction for a model without source time and v-prediction otherwise; `nfe` defaults to 1
-    without source time, to any-step (`None`) with a target time, and must be given otherwise.
+    hidden_size, depth, num_heads, learn_sigma, class_dropout_prob`); those not given are read off the
+    weights (`infer_reference_kwargs`; `model_size` names a preset for the head count), and so are
+    `use_t_src` / `use_t_tgt` (whether the time embedders are there; a deep model's `t_embedder` is
+    its pass-time embedder, so with `repeat` > 1 it is not a source time). `prediction_type`
+    defaults to x-prediction for a model without source time and v-prediction otherwise; `nfe`
+    defaults to 1 without source time, to any-step (`None`) with a target time, and must be given
+    otherwise.
     """
+    state_dict = strip_wrapper_prefixes(state_dict)
+    reference_kwargs = _with_inferred(state_dict, {"num_classes": num_classes, **reference_kwargs}, model_size)
+    num_classes = reference_kwargs.pop("num_classes")
+    if use_t_src is None:
+        use_t_src = "t_embedder.mlp.0.weight" in state_dict and repeat == 1
+    if use_t_tgt is None:
+        use_t_tgt = "t_tgt_embedder.mlp.0.weight" in state_dict
     if prediction_type is None:
         prediction_type = "velocity" if use_t_src else "sample"
     if nfe == -1:
@@ -184,7 +260,10 @@ def convert_official_generator(
         elif use_t_tgt:
             nfe = None
         else:
-            raise ValueError("`nfe` is required for a multi-step checkpoint with use_t_src=True and use_t_tgt=False.")
+            raise ValueError(
+                "The checkpoint has a time embedder (`t_embedder`) and no target-time embedder: pass `nfe` (`--nfe`) "
+                "for a multi-step model, or `repeat` (`--depth_repeat`) for a deep 1-NFE model."
+            )
     model = AdversarialFlowTransformer2DModel(
         **_trunk_config(**reference_kwargs),
         num_classes=num_classes,
@@ -194,23 +273,39 @@ def convert_official_generator(
         prediction_type=prediction_type,
         nfe=nfe,
     )
-    state_dict = strip_wrapper_prefixes(state_dict)
     return _load(model, _map_state_dict(state_dict, _GENERATOR_RULES, _GENERATOR_TRANSFORMS, model, num_classes))
 
 
 def convert_official_discriminator(
-    state_dict: Dict[str, torch.Tensor], *, num_classes: int, use_t: bool = False, **reference_kwargs
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    num_classes: Optional[int] = None,
+    use_t: Optional[bool] = None,
+    model_size: Optional[str] = None,
+    **reference_kwargs,
 ) -> AdversarialFlowDiscriminator:
-    """A reference `Discriminator` state dict as an `AdversarialFlowDiscriminator`."""
-    model = AdversarialFlowDiscriminator(**_trunk_config(**reference_kwargs), num_classes=num_classes, use_timestep=use_t)
+    """A reference `Discriminator` state dict as an `AdversarialFlowDiscriminator`; the arguments not
+    given are read off the weights, as for `convert_official_generator`."""
     state_dict = strip_wrapper_prefixes(state_dict)
+    reference_kwargs = _with_inferred(state_dict, {"num_classes": num_classes, **reference_kwargs}, model_size)
+    num_classes = reference_kwargs.pop("num_classes")
+    if use_t is None:
+        use_t = "t_embedder.mlp.0.weight" in state_dict
+    model = AdversarialFlowDiscriminator(**_trunk_config(**reference_kwargs), num_classes=num_classes, use_timestep=use_t)
     return _load(model, _map_state_dict(state_dict, _DISCRIMINATOR_RULES, {}, model, num_classes))
 
 
 def convert_official_classifier(
-    state_dict: Dict[str, torch.Tensor], *, num_classes: int, **reference_kwargs
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    num_classes: Optional[int] = None,
+    model_size: Optional[str] = None,
+    **reference_kwargs,
 ) -> AdversarialFlowClassifier:
-    """A reference `Classifier` state dict as an `AdversarialFlowClassifier`."""
-    model = AdversarialFlowClassifier(**_trunk_config(**reference_kwargs), num_classes=num_classes)
+    """A reference `Classifier` state dict as an `AdversarialFlowClassifier`; the arguments not given
+    are read off the weights, as for `convert_official_generator`."""
     state_dict = strip_wrapper_prefixes(state_dict)
+    reference_kwargs = _with_inferred(state_dict, {"num_classes": num_classes, **reference_kwargs}, model_size)
+    num_classes = reference_kwargs.pop("num_classes")
+    model = AdversarialFlowClassifier(**_trunk_config(**reference_kwargs), num_classes=num_classes)
     return _load(model, _map_state_dict(state_dict, _CLASSIFIER_RULES, {}, model, num_classes))

@@ -1,31 +1,43 @@
 """FID, Inception Score, precision and recall of a pipeline or of a set of images against a reference
-(METHOD.md, "Evaluation protocol").
+(docs/method.md, "Evaluation protocol").
 
 `evaluate_pipeline` is what the trainer calls every `--eval_steps` and what `examples/evaluate_afm.py`
 calls for `--pipeline`; `evaluate_images` serves folders and `.npz` files. Both give the same
 numbers for the same images: a pipeline's samples are rounded to uint8 exactly as saved PNGs are.
+What they compare against is a `ReferenceStatistics`, from `load_reference`.
 """
 
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..utils import atomic_file
-from .features import FeatureExtractor, _batches, _split_output, compute_features, images_from_folder
-from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from .features import FeatureExtractor, compute_features, images_from_dataset, images_from_folder
+from .metrics import _check_statistics, feature_statistics, frechet_distance, inception_score, precision_recall
 from .sampling import generate_images, iter_npz_images, plan_batches, sample_class_labels
 
 PathLike = Union[str, os.PathLike]
 
 
+def _npz_images(path: PathLike, batch_size: int) -> Iterator[np.ndarray]:
+    """The single images of an `.npz`'s `arr_0`, read as a stream: an ADM batch of 50,000 images
+    need not fit in memory."""
+    for batch in iter_npz_images(path, batch_size):
+        yield from batch
+
+
 @dataclass
 class ReferenceStatistics:
     """What the metrics compare against: feature mean and covariance (FID) and, when the reference
-    images were available, their features (precision and recall need them)."""
+    images were available, their features (precision and recall need them).
+
+    Build one with `load_reference`, or with the constructor for its source: `from_npz`,
+    `from_folder`, `from_dataset`, `from_features`.
+    """
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -37,9 +49,60 @@ class ReferenceStatistics:
         mu, sigma = feature_statistics(features)
         return cls(mu, sigma, features, source)
 
+    @classmethod
+    def from_folder(cls, path: PathLike, extractor: FeatureExtractor, batch_size: int = 64) -> "ReferenceStatistics":
+        """The `extractor` features of the images under `path` (subfolders too)."""
+        features, _ = compute_features(extractor, images_from_folder(path), batch_size=batch_size)
+        return cls.from_features(features, str(path))
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: Any, extractor: FeatureExtractor, image_column: str = "image", batch_size: int = 64
+    ) -> "ReferenceStatistics":
+        """The `extractor` features of a `datasets.Dataset` (or `IterableDataset`) column of images."""
+        features, _ = compute_features(extractor, images_from_dataset(dataset, image_column), batch_size=batch_size)
+        return cls.from_features(features, f"{type(dataset).__name__}[{image_column!r}]")
+
+    @classmethod
+    def from_npz(
+        cls,
+        path: PathLike,
+        extractor: Optional[FeatureExtractor] = None,
+        recompute: bool = False,
+        with_features: bool = True,
+        batch_size: int = 64,
+    ) -> "ReferenceStatistics":
+        """An `.npz` holding `mu`/`sigma` (ADM's reference batches, or a file written by `save`),
+        stored `features`, and/or the images `arr_0` (uint8 (N, H, W, 3)).
+
+        Stored `mu`/`sigma` are used unless `recompute`: ADM's come from its TensorFlow Inception, so
+        recompute them when `extractor` is another network. With `with_features`, the images'
+        features are computed (or read) so that precision and recall can be reported; that costs
+        one feature pass over them (10,000 for ADM's ImageNet 256 batch).
+        """
+        path = Path(path)
+        with np.load(path) as data:
+            keys = set(data.files)
+            stored = {} if recompute else {key: data[key].astype(np.float64) for key in ("mu", "sigma", "features") if key in keys}
+        has_stats = {"mu", "sigma"} <= set(stored)
+        features = stored.get("features")
+        if features is None and (with_features or not has_stats):
+            if "arr_0" in keys:
+                if extractor is None:
+                    raise ValueError(f"computing the features of {path}'s images needs a feature `extractor`.")
+                features, _ = compute_features(extractor, _npz_images(path, batch_size), batch_size=batch_size)
+            elif not has_stats:
+                raise ValueError(f"{path} holds neither `mu`/`sigma` nor the images `arr_0` to compute them (keys: {sorted(keys)}).")
+        if has_stats:
+            # Without features (a statistics-only file), FID works; precision and recall are left out.
+            return cls(stored["mu"], stored["sigma"], features, str(path))
+        return cls.from_features(features, str(path))
+
     def save(self, path: PathLike) -> None:
-        """An `.npz` with `mu`, `sigma` (and `features`), that `load_reference` reads back."""
-        arrays = {"mu": self.mu, "sigma": self.sigma}
+        """An `.npz` with `mu`, `sigma` (and `features`), that `from_npz` reads back; written
+        atomically, so an interrupted run never leaves a truncated file that later loads as garbage."""
+        mu, sigma = _check_statistics(self.mu, self.sigma, "mu", "sigma")
+        arrays = {"mu": mu, "sigma": sigma}
         if self.features is not None:
             arrays["features"] = self.features
         with atomic_file(str(path)) as file:
@@ -47,50 +110,25 @@ class ReferenceStatistics:
 
 
 def load_reference(
-    spec: PathLike,
+    reference: Union[PathLike, Any],
     extractor: Optional[FeatureExtractor] = None,
     recompute: bool = False,
     with_features: bool = True,
     batch_size: int = 64,
+    image_column: str = "image",
 ) -> ReferenceStatistics:
-    """Reference statistics from a folder of images or an `.npz`.
-
-    An `.npz` may hold `mu`/`sigma` (ADM's reference batches, or a file written by
-    `ReferenceStatistics.save`), stored `features`, and/or the images `arr_0`. Stored `mu`/`sigma`
-    are used unless `recompute`: ADM's come from its TensorFlow Inception, so recompute them when
-    `extractor` is another network. With `with_features`, the reference images' features are
-    computed (or read) so that precision and recall can be reported; that costs one feature pass
-    over the reference images (10,000 for ADM's ImageNet 256 batch).
-    """
-    path = Path(spec)
-    if path.is_dir():
-        if extractor is None:
-            raise ValueError(f"a reference folder ({path}) needs a feature `extractor`.")
-        features = compute_features(extractor, images_from_folder(path), batch_size=batch_size)
-        return ReferenceStatistics.from_features(features, str(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"reference not found: {path} (expected a folder of images or an .npz).")
-    with np.load(path) as data:
-        keys = set(data.files)
-        stored = {} if recompute else {key: data[key].astype(np.float64) for key in ("mu", "sigma", "features") if key in keys}
-    has_stats = {"mu", "sigma"} <= set(stored)
-    features = stored.get("features")
-    if features is None and (with_features or not has_stats):
-        if "arr_0" in keys:
-            if extractor is None:
-                raise ValueError(f"computing the features of {path}'s images needs a feature `extractor`.")
-            features = compute_features(extractor, _unbatch(iter_npz_images(path, batch_size)), batch_size=batch_size)
-        elif not has_stats:
-            raise ValueError(f"{path} holds neither `mu`/`sigma` nor the images `arr_0` to compute them (keys: {sorted(keys)}).")
-    if has_stats:
-        # Without features (a statistics-only file), FID works; precision and recall are left out.
-        return ReferenceStatistics(stored["mu"], stored["sigma"], features, str(path))
-    return ReferenceStatistics.from_features(features, str(path))
-
-
-def _unbatch(batches: Iterable[np.ndarray]):
-    for batch in batches:
-        yield from batch
+    """Reference statistics from a folder of images, an `.npz` (see `ReferenceStatistics.from_npz`
+    for `recompute` and `with_features`) or a `datasets.Dataset` (its `image_column`)."""
+    is_path = isinstance(reference, (str, os.PathLike))
+    if is_path and Path(reference).is_file():
+        return ReferenceStatistics.from_npz(reference, extractor, recompute, with_features, batch_size)
+    if is_path and not Path(reference).is_dir():
+        raise FileNotFoundError(f"reference not found: {reference} (expected a folder of images or an .npz).")
+    if extractor is None:
+        raise ValueError(f"a reference of images ({reference}) needs a feature `extractor`.")
+    if is_path:
+        return ReferenceStatistics.from_folder(reference, extractor, batch_size)
+    return ReferenceStatistics.from_dataset(reference, extractor, image_column, batch_size)
 
 
 def compute_metrics(
@@ -119,20 +157,6 @@ def compute_metrics(
     return results
 
 
-def _features_and_logits(extractor: FeatureExtractor, images, batch_size: int):
-    """float64 features, and logits when the extractor gives them (the Inception Score needs them),
-    in one pass over `images`."""
-    features, logits = [], []
-    for batch in _batches(images, batch_size):
-        batch_features, batch_logits = _split_output(extractor(batch))
-        features.append(batch_features.flatten(1).double().cpu().numpy())
-        if batch_logits is not None:
-            logits.append(batch_logits.flatten(1).double().cpu().numpy())
-    if not features:
-        raise ValueError("no images to evaluate")
-    return np.concatenate(features), np.concatenate(logits) if len(logits) == len(features) else None
-
-
 def evaluate_images(
     images: Union[np.ndarray, Iterable[np.ndarray], PathLike],
     reference: ReferenceStatistics,
@@ -146,10 +170,10 @@ def evaluate_images(
         if path.is_dir():
             images = images_from_folder(path)
         elif path.suffix == ".npz":
-            images = _unbatch(iter_npz_images(path, batch_size))
+            images = _npz_images(path, batch_size)
         else:
             raise FileNotFoundError(f"no folder or .npz at {path}.")
-    features, logits = _features_and_logits(extractor, images, batch_size)
+    features, logits = compute_features(extractor, images, batch_size)
     return compute_metrics(features, reference, logits, inception_splits)
 
 
@@ -189,7 +213,7 @@ def evaluate_pipeline(
     for indices in batches:
         labels = sample_class_labels(indices, num_classes, class_labels)
         images = generate_images(pipeline, list(indices), labels, seed, num_inference_steps)
-        features, logits = _features_and_logits(extractor, images, batch_size)
+        features, logits = compute_features(extractor, images, batch_size)
         parts.append((indices.start, features, logits))
     if num_processes > 1:
         from accelerate.utils import gather_object

@@ -1,4 +1,5 @@
-"""Feature networks for the metrics, and reference statistics (METHOD.md, "Evaluation protocol").
+"""Feature networks for the metrics, and the batched pass that runs one over images (docs/method.md,
+"Evaluation protocol").
 
 FID-50K proper goes through the ADM suite's Inception; during training a torch Inception (the
 2015-12-05 weights) gives a close estimate. Those weights cannot be downloaded on every machine, so
@@ -8,7 +9,6 @@ batches and of PIL, or float (N, 3, H, W) in [0, 1], the layout of a pipeline's 
 """
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, Tuple, Union
@@ -17,8 +17,6 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-
-from .metrics import _check_statistics, feature_statistics
 
 ImageBatch = Union[np.ndarray, torch.Tensor]
 ExtractorOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -244,16 +242,15 @@ def compute_features(
     images: Union[ImageBatch, Iterable[Any]],
     batch_size: int = 64,
     device: Optional[Union[str, torch.device]] = None,
-    return_logits: bool = False,
-) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-    """Run `extractor` over `images` in batches; float64 (N, D) features (and (N, C) logits).
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Run `extractor` over `images` in batches: float64 (N, D) features, and (N, C) logits when the
+    extractor gives them (the Inception Score needs them), else None, in one pass.
 
     Args:
         images: an array or tensor of images, or an iterable of single images (uint8 (H, W, 3) or
             float (3, H, W)), such as `images_from_folder`.
         device (*optional*): where to run; the extractor is moved there if it has a `.to` method
             and each batch is sent there before the extractor sees it.
-        return_logits (`bool`, defaults to `False`): also return the logits, for the Inception Score.
     """
     if device is not None and hasattr(extractor, "to"):
         extractor.to(device)
@@ -264,39 +261,11 @@ def compute_features(
         batch_features, batch_logits = _split_output(extractor(batch))
         # Pooling layers often keep (N, D, 1, 1); the metrics want (N, D).
         features.append(batch_features.flatten(1).double().cpu().numpy())
-        if return_logits:
-            if batch_logits is None:
-                raise ValueError("`extractor` returns no logits, so `return_logits=True` cannot be served")
+        if batch_logits is not None:
             logits.append(batch_logits.flatten(1).double().cpu().numpy())
     if not features:
         raise ValueError("`images` holds no images")
-    if return_logits:
-        return np.concatenate(features), np.concatenate(logits)
-    return np.concatenate(features)
-
-
-def reference_statistics_from_npz(
-    path: PathLike,
-    extractor: Optional[FeatureExtractor] = None,
-    batch_size: int = 64,
-    device: Optional[Union[str, torch.device]] = None,
-    use_stored: bool = True,
-) -> Tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of a reference batch `.npz` in the ADM layout, or written by `save_statistics`.
-
-    Stored `mu`/`sigma` are used when present (`use_stored`); those of ADM's reference batches come
-    from ADM's TensorFlow Inception, so set `use_stored=False` to recompute them from the images
-    `arr_0` (uint8 (N, H, W, 3)) with another `extractor`.
-    """
-    with np.load(path) as data:
-        if use_stored and {"mu", "sigma"} <= set(data.files):
-            return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        if "arr_0" not in data.files:
-            raise ValueError(f"{path} holds neither `mu`/`sigma` nor the images `arr_0` (keys: {data.files})")
-        images = data["arr_0"]
-    if extractor is None:
-        raise ValueError(f"{path} has no usable `mu`/`sigma`: pass `extractor` to compute them from its images")
-    return feature_statistics(compute_features(extractor, images, batch_size=batch_size, device=device))
+    return np.concatenate(features), np.concatenate(logits) if len(logits) == len(features) else None
 
 
 def _rgb_array(image: Any) -> Any:
@@ -318,44 +287,11 @@ def images_from_folder(path: PathLike) -> Iterator[np.ndarray]:
             yield _rgb_array(image)
 
 
-def reference_statistics_from_folder(
-    path: PathLike, extractor: FeatureExtractor, batch_size: int = 64, device: Optional[Union[str, torch.device]] = None
-) -> Tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the `extractor` features of the images under `path`."""
-    return feature_statistics(compute_features(extractor, images_from_folder(path), batch_size=batch_size, device=device))
-
-
-def reference_statistics_from_dataset(
-    dataset: Any,
-    image_column: str,
-    extractor: FeatureExtractor,
-    batch_size: int = 64,
-    device: Optional[Union[str, torch.device]] = None,
-) -> Tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the `extractor` features of a `datasets.Dataset` (or `IterableDataset`) column
-    of images (PIL images, as a `datasets.Image` feature decodes them, or uint8 arrays)."""
+def images_from_dataset(dataset: Any, image_column: str = "image") -> Iterator[Any]:
+    """The images of a `datasets.Dataset` (or `IterableDataset`) column: PIL images, as a
+    `datasets.Image` feature decodes them, become uint8 (H, W, 3); uint8 arrays pass through."""
     if dataset.column_names is not None and image_column not in dataset.column_names:
         raise ValueError(f"`image_column` {image_column!r} is not a column of the dataset ({dataset.column_names})")
     # Selecting the column first spares decoding the other columns of every row.
-    rows = dataset.select_columns([image_column])
-    images = (_rgb_array(row[image_column]) for row in rows)
-    return feature_statistics(compute_features(extractor, images, batch_size=batch_size, device=device))
-
-
-def save_statistics(path: PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write `mu` and `sigma` to an .npz that `reference_statistics_from_npz` reads back.
-
-    The file is written to a temporary name in the same folder and then renamed (atomic on one file
-    system), so an interrupted run never leaves a truncated file that later loads as garbage.
-    """
-    mu, sigma = _check_statistics(mu, sigma, "mu", "sigma")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, mu=mu, sigma=sigma)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    for row in dataset.select_columns([image_column]):
+        yield _rgb_array(row[image_column])

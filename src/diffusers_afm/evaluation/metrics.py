@@ -1,4 +1,4 @@
-"""Sample-quality metrics computed from network features (METHOD.md, "Evaluation protocol").
+"""Sample-quality metrics computed from network features (docs/method.md, "Evaluation protocol").
 
 Every function takes features as an (N, D) numpy array or torch tensor, so the same code serves the
 Inception features of FID-50K and the tiny feature networks of the tests. Which network produced

@@ -1,4 +1,4 @@
-"""Sampling for evaluation at scale (METHOD.md, "Evaluation protocol": FID-50K, 50 samples per class).
+"""Sampling for evaluation at scale (docs/method.md, "Evaluation protocol": FID-50K, 50 samples per class).
 
 Sample `i` is a function of its index alone: its class label is `class_labels[i % len(class_labels)]`
 and its noise comes from a CPU generator seeded with `sample_seed(seed, i)`. The work is cut into
@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..utils import atomic_file
+from ..utils import FlagValueError, atomic_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,6 +49,17 @@ def sample_class_labels(
     if len(class_labels) == 0:
         raise ValueError("`class_labels` is empty.")
     return [int(class_labels[int(i) % len(class_labels)]) for i in indices]
+
+
+def parse_class_labels(value: str) -> List[int]:
+    """`--class_labels`: comma-separated class ids, the list that `sample_class_labels` cycles through."""
+    try:
+        labels = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise FlagValueError(f"--class_labels must be comma-separated integers, got {value!r}") from None
+    if not labels:
+        raise FlagValueError("--class_labels is empty")
+    return labels
 
 
 def plan_batches(num_samples: int, batch_size: int, process_index: int = 0, num_processes: int = 1) -> List[range]:

@@ -1,6 +1,6 @@
 """Low-dimensional data sets and optimal-transport metrics of the toy experiments (examples/toy_afm.py).
 
-METHOD.md's claim is that the OT term `||G(z) - z||^2` makes the generator learn the W2-optimal map
+docs/method.md's claim is that the OT term `||G(z) - z||^2` makes the generator learn the W2-optimal map
 from the noise to the data. In a few dimensions that is measurable exactly:
 
 - `wasserstein2(a, b)`: the exact W2 DISTANCE between two equal-size sample sets (POT's EMD). The

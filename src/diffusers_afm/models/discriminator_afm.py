@@ -1,7 +1,7 @@
 """The AFM discriminator and the noisy-latent classifier used for guidance.
 
 Both are the generator's DiT trunk with a learnable token prepended to the patch tokens; the
-token's final state, layer-normalised without affine, is read out linearly (METHOD.md,
+token's final state, layer-normalised without affine, is read out linearly (docs/method.md,
 "Discriminator" and "Classifier guidance"). They differ only in their conditioning and head:
 
 | model | conditioning | head |
@@ -95,8 +95,32 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         hidden_states: torch.Tensor,
         class_labels: torch.LongTensor,
         timestep: Union[float, torch.Tensor, None] = None,
+        full_precision_samples: int = 0,
     ) -> torch.Tensor:
-        """Returns the logits, shape `(batch,)`. `timestep` is the target time `t` (if `use_timestep`)."""
+        """Returns the logits, shape `(batch,)`. `timestep` is the target time `t` (if `use_timestep`).
+
+        `full_precision_samples = k` runs the first k samples with autocast disabled (fp32 weights
+        and activations; TF32 matmuls where torch's fp32 matmul precision allows it) and the rest
+        under the caller's autocast. The trainer puts the approximated R1/R2 samples and their
+        unperturbed partners there: `D(x + 0.01 n) - D(x)` is a difference of nearby logits, which
+        bf16 rounding would dominate (docs/method.md, "Precision"). Splitting inside `forward` keeps
+        it one call, so Accelerate's autocast wrapper and DDP see a single forward.
+        """
+        batch_size = hidden_states.shape[0]
+        if not 0 <= full_precision_samples <= batch_size:
+            raise ValueError(f"`full_precision_samples` must be in [0, {batch_size}], got {full_precision_samples}.")
+        if full_precision_samples == 0:
+            return self._logits(hidden_states, class_labels, timestep)
+        k = full_precision_samples
+        t = None if timestep is None else as_batch_timesteps(timestep, batch_size, hidden_states.device, "timestep")
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            head = self._logits(hidden_states[:k].float(), class_labels[:k], None if t is None else t[:k])
+        if k == batch_size:
+            return head
+        tail = self._logits(hidden_states[k:], class_labels[k:], None if t is None else t[k:])
+        return torch.cat([head, tail.float()])
+
+    def _logits(self, hidden_states, class_labels, timestep) -> torch.Tensor:
         hidden_states = self._embed_patches(hidden_states)
         temb = self.class_embedder(class_labels).to(hidden_states.dtype)
         if self.config.use_timestep:

@@ -1,6 +1,6 @@
 """Building blocks shared by the generator, the discriminator and the classifier.
 
-All three networks are the same DiT trunk (METHOD.md, "Generator" and "Discriminator"): patch
+All three networks are the same DiT trunk (docs/method.md, "Generator" and "Discriminator"): patch
 embedding with fixed 2-D sin-cos positions, adaLN-Zero transformer blocks, and a conditioning
 vector made of class and/or time embeddings. The pieces come from diffusers; this file only wires
 them the way the reference checkpoints expect.
@@ -13,7 +13,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.normalization import AdaLayerNormZero
 
-# METHOD.md: "Time embeddings use t * 1000 (the original DiT scale) through a 256-d sinusoid".
+# docs/method.md: "Time embeddings use t * 1000 (the original DiT scale) through a 256-d sinusoid".
 TIME_SCALE = 1000.0
 TIME_PROJ_DIM = 256
 

@@ -1,6 +1,6 @@
 """The AFM generator: a class-conditional DiT that maps a point of the flow to another in one pass.
 
-METHOD.md, "Generator": `G(x_s, c, s, t)` predicts the point at time `t` (x-prediction) or the
+docs/method.md, "Generator": `G(x_s, c, s, t)` predicts the point at time `t` (x-prediction) or the
 velocity between `x_s` and it (v-prediction). A 1-NFE model sees the class only; a multi-step model
 also sees the source time `s`, an any-step model also the target time `t`. A depth-repeated ("deep")
 model runs its block stack R times in one forward pass, pass r conditioned on the time `1 - r/R`.
@@ -21,7 +21,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from ..flow import PREDICTION_TYPES
 from .modules import AFMTimestepEmbedding, AFMTrunkMixin, as_batch_timesteps, unpatchify
 
-# The paper's model sizes (METHOD.md, "Model sizes"): patch size 2, MLP ratio 4. S/2 is DiT's
+# The paper's model sizes (docs/method.md, "Model sizes"): patch size 2, MLP ratio 4. S/2 is DiT's
 # smallest size, handy for experiments.
 AFM_PRESETS = {
     "S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),

@@ -1,7 +1,11 @@
-"""`AFMPipeline`: class-conditional sampling from an Adversarial Flow Model.
+"""`AFMPipeline`: sampling from an Adversarial Flow Model (class-conditional or unconditional).
 
 A 1-NFE model is one generator forward pass from noise to a latent (or pixel) image, then the VAE
 decode; multi-step and any-step models apply the step rule of `diffusers_afm.flow` N times.
+
+There is no `guidance_scale`: AFM has no classifier-free guidance to scale at sampling time. A
+"guided" model had classifier guidance trained into its generator (docs/method.md, "Classifier
+guidance"), so guided and guidance-free models sample the same way, in one pass per step.
 
 Fast sampling on a GPU (docs/performance.md): load in bf16 (`dtype=torch.bfloat16`), put the VAE in
 channels-last (`pipe.vae.to(memory_format=torch.channels_last)`), and for 1-NFE sampling at a fixed
@@ -10,14 +14,15 @@ batch size capture the whole sample as a CUDA graph with `pipe.enable_cuda_graph
 
 import difflib
 import re
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-from .. import flow
+from ..flow import generator_step, sampling_timesteps
 from ..models import AdversarialFlowTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -35,7 +40,11 @@ def allowed_num_inference_steps(config) -> Optional[int]:
 
 class AFMPipeline(DiffusionPipeline):
     r"""
-    One-step (or few-step) class-conditional image generation with an Adversarial Flow Model.
+    One-step (or few-step) image generation with an Adversarial Flow Model, class-conditional or
+    unconditional (a model with `num_classes=1`).
+
+    There is no `guidance_scale`: a guided AFM model had classifier guidance trained into its
+    generator, so there is nothing to scale at sampling time (see the module docstring).
 
     Args:
         transformer ([`AdversarialFlowTransformer2DModel`]): the generator.
@@ -46,6 +55,7 @@ class AFMPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -67,6 +77,25 @@ class AFMPipeline(DiffusionPipeline):
         vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
         self._cuda_graph = None
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """Read `model_index.json`; in a folder written by `export_standalone`, point the entries that
+        name the generated copies of our modules back at the installed modules.
+
+        Such a folder names its copies by file (`_class_name: ["pipeline_afm", "AFMPipeline"]`,
+        `transformer: ["transformer_afm", ...]`), which diffusers runs as remote code. This class is the
+        installed code, so `AFMPipeline.from_pretrained` loads such a folder with it and runs none of
+        the copies (the export leaves this method out of them).
+        """
+        config = super()._dict_from_json_file(json_file)
+        module = AdversarialFlowTransformer2DModel.__module__  # its copy is named after its file
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = config["_class_name"][1]
+        for name, entry in config.items():
+            if isinstance(entry, list) and len(entry) == 2 and entry[0] == module.rsplit(".", 1)[-1]:
+                config[name] = [module, entry[1]]
+        return config
 
     # ------------------------------------------------------------------ labels
     @property
@@ -99,8 +128,39 @@ class AFMPipeline(DiffusionPipeline):
             return "Close matches: " + ", ".join(repr(n) for n in close[:8]) + "."
         return "See `pipe.labels` for the known names."
 
-    def _class_ids(self, class_labels: ClassLabels, device: torch.device) -> torch.LongTensor:
+    def _class_ids(
+        self,
+        class_labels: Optional[ClassLabels],
+        batch_size: Optional[int],
+        num_images_per_label: int,
+        num_latents: Optional[int],
+        device: torch.device,
+    ) -> torch.LongTensor:
+        """One class id per image: the labels (ids or names) or, for an unconditional model, class 0
+        `batch_size` times; each repeated `num_images_per_label` times in a row."""
+        if not isinstance(num_images_per_label, int) or isinstance(num_images_per_label, bool) or num_images_per_label < 1:
+            raise ValueError(f"`num_images_per_label` must be a positive integer, got {num_images_per_label!r}.")
         num_classes = self.transformer.config.num_classes
+        if class_labels is None:
+            if num_classes > 1:
+                raise ValueError(
+                    f"`class_labels` is required: this model is class-conditional ({num_classes} classes); pass "
+                    "class ids or names (see `pipe.labels`). `batch_size` alone is for unconditional models."
+                )
+            if batch_size is None:
+                batch_size = num_latents // num_images_per_label if num_latents else 1
+            if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+                raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+            class_labels = [0] * batch_size
+        elif batch_size is not None:
+            raise ValueError(
+                "Pass `class_labels` or `batch_size`, not both: with class labels the batch is one image per "
+                "label (times `num_images_per_label`); `batch_size` is for unconditional models."
+            )
+        ids = self._label_ids(class_labels, num_classes)
+        return torch.tensor(ids, dtype=torch.long, device=device).repeat_interleave(num_images_per_label)
+
+    def _label_ids(self, class_labels: ClassLabels, num_classes: int) -> List[int]:
         if isinstance(class_labels, torch.Tensor):
             class_labels = class_labels.flatten().tolist()
         elif isinstance(class_labels, (int, str)):
@@ -117,7 +177,7 @@ class AFMPipeline(DiffusionPipeline):
                 ids.append(label)
             else:
                 raise ValueError(f"`class_labels` entries must be int ids or str names, got {type(label).__name__}.")
-        return torch.tensor(ids, dtype=torch.long, device=device)
+        return ids
 
     # ------------------------------------------------------------------ noise
     def _check_latents(self, latents: torch.Tensor, batch_size: int) -> None:
@@ -147,15 +207,35 @@ class AFMPipeline(DiffusionPipeline):
         return torch.cat(noise).to(device)
 
     # ------------------------------------------------------------------ generate and decode
-    def _denoise(self, latents: torch.Tensor, class_ids: torch.LongTensor, num_inference_steps: int) -> torch.Tensor:
-        """The generator's steps from the noise `latents` (float32) to the final latents (float32)."""
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        class_ids: torch.LongTensor,
+        num_inference_steps: int,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = (),
+    ) -> torch.Tensor:
+        """N-step sampling (docs/method.md, "Sampling with N steps") from the noise `latents` (float32) to
+        the final latents (float32), on the time grid and with the step rule of `diffusers_afm.flow`.
+
+        `callback_on_step_end(pipe, i, s, {"latents": x_t})` runs after step i (from time `s` to `t`)
+        and may return replacement latents to continue from, as in diffusers' pipelines.
+        """
         dtype = self.transformer.dtype
-
-        def model_fn(x, s, t):
-            return self.transformer(x.to(dtype), class_ids, s, t).sample.float()
-
-        progress = self.progress_bar if num_inference_steps > 1 else None
-        return flow.sample(model_fn, latents, num_inference_steps, self.transformer.config.prediction_type, progress)
+        prediction_type = self.transformer.config.prediction_type
+        batch_size = latents.shape[0]
+        timesteps = sampling_timesteps(num_inference_steps, device=latents.device)
+        steps = self.progress_bar(range(num_inference_steps)) if num_inference_steps > 1 else range(num_inference_steps)
+        for i in steps:
+            s, t = timesteps[i].expand(batch_size), timesteps[i + 1].expand(batch_size)
+            model_output = self.transformer(latents.to(dtype), class_ids, s, t).sample.float()
+            latents = generator_step(model_output, latents, s, t, prediction_type)
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents}  # the `_callback_tensor_inputs`
+                callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, timesteps[i], callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+        return latents
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [-1, 1], decoded in the VAE's dtype (and memory format); pixel-space
@@ -198,31 +278,71 @@ class AFMPipeline(DiffusionPipeline):
         self._cuda_graph = None
 
     # ------------------------------------------------------------------ call
+    def check_inputs(self, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale):
+        if guidance_scale is not None:
+            raise ValueError(
+                "`guidance_scale` is not an AFMPipeline argument: AFM has no classifier-free guidance to scale. "
+                "A guided model had classifier guidance trained into its generator and samples like any other; "
+                "to sample with guidance, load a guided checkpoint."
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}.")
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs`: {unknown} are not tensors this pipeline passes; "
+                f"allowed: {self._callback_tensor_inputs}."
+            )
+
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: ClassLabels,
+        class_labels: Optional[ClassLabels] = None,
         num_inference_steps: Optional[int] = None,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         latents: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        batch_size: Optional[int] = None,
+        num_images_per_label: int = 1,
+        callback_on_step_end: Union[Callable, PipelineCallback, MultiPipelineCallbacks, None] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        guidance_scale: Optional[float] = None,
     ) -> Union[ImagePipelineOutput, tuple]:
         r"""
-        Generate one image per class label.
+        Generate `num_images_per_label` images per class label, or `batch_size` images from an
+        unconditional model.
 
         Args:
-            class_labels (`int`, `str`, or a list of them, or a tensor): class ids or class names.
+            class_labels (`int`, `str`, or a list of them, or a tensor): class ids or class names; required
+                for a class-conditional model, optional (class 0) for an unconditional one.
             num_inference_steps (`int`, *optional*): generator steps; defaults to the number the model was
                 trained for (`transformer.config.nfe`, or 1 for an any-step model).
             generator (`torch.Generator` or a list, *optional*): makes sampling deterministic.
             latents (`torch.Tensor`, *optional*): the initial noise, shape `(batch, C, H, W)`.
             output_type (`str`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`): return an `ImagePipelineOutput` rather than a tuple.
+            batch_size (`int`, *optional*): images to draw from an unconditional model (`num_classes=1`);
+                defaults to 1, or to the batch of `latents`.
+            num_images_per_label (`int`, defaults to 1): images per label, each label repeated in a row
+                (`[a, b]` with 2 gives `a, a, b, b`).
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                called after each generator step as `callback_on_step_end(pipe, step_index, timestep,
+                callback_kwargs)`, where `timestep` is the step's source time `s` (1 at the first step) and
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (the
+                `latents` the step reached, float32); it returns a dict, whose `latents`, if present,
+                replace them.
+            callback_on_step_end_tensor_inputs (`List[str]`, defaults to `["latents"]`): the tensors passed
+                to the callback; allowed: `pipe._callback_tensor_inputs`.
+            guidance_scale: not supported; passing any value raises a `ValueError`. AFM has no
+                classifier-free guidance: a guided model has the guidance trained in.
         """
         # 0. Check inputs before any work
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale)
         config = self.transformer.config
         trained_steps = allowed_num_inference_steps(config)
         if num_inference_steps is None:
@@ -235,7 +355,8 @@ class AFMPipeline(DiffusionPipeline):
                 f"{trained_steps}-step sampling ({config.prediction_type} prediction); allowed: {trained_steps}."
             )
         device = self._execution_device
-        class_ids = self._class_ids(class_labels, device)
+        num_latents = latents.shape[0] if latents is not None else None
+        class_ids = self._class_ids(class_labels, batch_size, num_images_per_label, num_latents, device)
         batch_size = class_ids.shape[0]
         if latents is not None:
             self._check_latents(latents, batch_size)
@@ -246,10 +367,18 @@ class AFMPipeline(DiffusionPipeline):
         # 1. Generator steps (one forward pass for a 1-NFE model), 2. decode; a captured CUDA graph
         #    (`enable_cuda_graph`) replays both at once for its batch size.
         graph = self._cuda_graph
-        if graph is not None and output_type != "latent" and num_inference_steps == 1 and batch_size == graph.batch_size:
+        if (
+            graph is not None
+            and output_type != "latent"
+            and num_inference_steps == 1
+            and batch_size == graph.batch_size
+            and callback_on_step_end is None
+        ):
             image = graph(latents, class_ids)
         else:
-            latents = self._denoise(latents, class_ids, num_inference_steps)
+            latents = self._denoise(
+                latents, class_ids, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
+            )
             image = latents if output_type == "latent" else self._decode(latents)
         if output_type != "latent":
             image = self.image_processor.postprocess(image.float(), output_type=output_type)
@@ -286,27 +415,43 @@ class _CUDAGraphSampler:
 
 
 def class_grid(
-    pipeline: AFMPipeline, num_rows: int = 10, per_class: int = 8, seed: int = 0, min_size: int = 64, gap: int = 4
+    pipeline: AFMPipeline,
+    num_rows: int = 10,
+    per_class: int = 8,
+    seed: int = 0,
+    min_size: int = 64,
+    gap: int = 4,
+    label_rows: bool = False,
 ):
     """A PIL grid with one row per class (up to `num_rows` classes, evenly spaced), from fixed noise.
 
     Images smaller than `min_size` (the 8x8 digits) are enlarged with nearest-neighbour, and a
-    `gap` of white separates them, so the grid is readable.
+    `gap` of white separates them, so the grid is readable. `label_rows` writes each row's class
+    name (its first synonym in `id2label`, else the id) to its left.
     """
     import PIL.Image
+    import PIL.ImageDraw
 
     num_classes = pipeline.transformer.config.num_classes
     rows = min(num_classes, num_rows)
     classes = [i * num_classes // rows for i in range(rows)]
-    labels = [c for c in classes for _ in range(per_class)]
-    images = pipeline(class_labels=labels, generator=torch.Generator().manual_seed(seed), output_type="pil").images
+    images = pipeline(
+        class_labels=classes, num_images_per_label=per_class, generator=torch.Generator().manual_seed(seed), output_type="pil"
+    ).images
     size = images[0].size[0]
     if size < min_size:
         scale = -(-min_size // size)
         images = [im.resize((size * scale, size * scale), resample=PIL.Image.NEAREST) for im in images]
     width, height = images[0].size
-    grid = PIL.Image.new("RGB", (per_class * (width + gap) - gap, rows * (height + gap) - gap), "white")
+    names = [pipeline.id2label.get(c, str(c)).split(",")[0].strip() for c in classes] if label_rows else []
+    draw = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
+    margin = max((int(draw.textlength(name)) + 2 * gap for name in names), default=0)
+    grid = PIL.Image.new("RGB", (margin + per_class * (width + gap) - gap, rows * (height + gap) - gap), "white")
     for k, image in enumerate(images):
         row, col = divmod(k, per_class)
-        grid.paste(image.convert("RGB"), (col * (width + gap), row * (height + gap)))
+        grid.paste(image.convert("RGB"), (margin + col * (width + gap), row * (height + gap)))
+    draw = PIL.ImageDraw.Draw(grid)
+    for row, name in enumerate(names):
+        _, top, _, bottom = draw.textbbox((0, 0), name)
+        draw.text((gap, row * (height + gap) + (height - top - bottom) // 2), name, fill="black")
     return grid

@@ -1,9 +1,11 @@
-"""Augmentations: the discriminator's and the guidance classifier's (METHOD.md).
+"""Augmentations: the discriminator's and the guidance classifier's (docs/method.md).
 
-Discriminator (`augment_pair`; "Training recipe", p = 0.4 in the guided phase): with probability `p`
-per sample, a random integer translation of up to 30% of the height and width, then three random
-erasings of 10-50% of the area each. The i-th real and the i-th fake sample get the SAME transform,
-so that a relativistic pair differs in its content, never in its augmentation.
+Discriminator (`augment_pair`; "Training recipe", p = 0.4 in the guided phase): a random integer
+translation of up to 30% of the height and width, then three random erasings of 10-50% of the area
+each. Each of these four operations is applied to each sample with its own probability-`p` draw,
+as the reference trainer does: at p = 0.4 a sample is left untouched with probability
+0.6^4 = 0.13, not 0.6. The i-th real and the i-th fake sample get the SAME transform, so that a
+relativistic pair differs in its content, never in its augmentation.
 
 Classifier (`random_affine`; "Classifier guidance", p = 0.8): a random rotation, zoom and shift.
 """
@@ -73,10 +75,10 @@ def augment_pair(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Augment `(real, fake)`, both (N, C, H, W), with the same random transform per sample pair.
 
-    Each sample pair is augmented with probability `p`: translated by whole pixels (up to
-    `translation` of H in y and of W in x, independently; zero padding), then `num_erasing`
-    rectangles of `erasing_area` of the image each are set to 0. `p = 0` returns the inputs
-    themselves.
+    Each sample pair is translated by whole pixels (up to `translation` of H in y and of W in x,
+    independently; zero padding) with probability `p`, then each of `num_erasing` rectangles of
+    `erasing_area` of the image is set to 0 with probability `p`: every operation has its own
+    per-sample draw. `p = 0` returns the inputs themselves.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"`p` must be in [0, 1], got {p!r}.")
@@ -88,16 +90,20 @@ def augment_pair(
     batch_size, channels, height, width = real.shape
     # Real and fake travel together along the channels, so every draw below applies to both.
     images = torch.cat([real, fake], dim=1)  # (N, 2C, H, W)
-    apply = torch.rand(batch_size, device=real.device, generator=generator) < p  # (N,)
 
+    def coin() -> torch.Tensor:  # (N,): one independent probability-p draw per sample
+        return torch.rand(batch_size, device=real.device, generator=generator) < p
+
+    translate_on = coin()
     max_y, max_x = round(translation * height), round(translation * width)
     shift_y = torch.randint(-max_y, max_y + 1, (batch_size,), device=real.device, generator=generator)
     shift_x = torch.randint(-max_x, max_x + 1, (batch_size,), device=real.device, generator=generator)
-    images = translate(images, shift_y * apply, shift_x * apply)
+    images = translate(images, shift_y * translate_on, shift_x * translate_on)
 
     for _ in range(num_erasing):
+        erase_on = coin()
         mask = erasing_mask(batch_size, height, width, erasing_area, real, generator)
-        images = images.masked_fill(mask & apply[:, None, None, None], 0.0)
+        images = images.masked_fill(mask & erase_on[:, None, None, None], 0.0)
     return images[:, :channels], images[:, channels:]
 
 
@@ -111,7 +117,7 @@ def random_affine(
 ) -> torch.Tensor:
     """A random affine transform of each image with probability `p` (the classifier's augmentation).
 
-    METHOD.md gives only `p = 0.8`; the ranges are ours: a rotation of up to `max_rotation` degrees,
+    docs/method.md gives only `p = 0.8`; the ranges are ours: a rotation of up to `max_rotation` degrees,
     an isotropic scale in `scale`, a translation of up to `translation` of the side in x and y.
     Bilinear resampling with zero padding; the images left alone are returned bit for bit.
     """

@@ -1,4 +1,4 @@
-"""Exponential moving average of the generator's weights (METHOD.md: decay 0.9999, after each G step).
+"""Exponential moving average of the generator's weights (docs/method.md: decay 0.9999, after each G step).
 
 The EMA weights are the ones that are evaluated and released; "autoreload" in the guided phase
 copies them back into the trained generator (`copy_to`).

@@ -1,4 +1,4 @@
-"""Gradient normalization `GN` of the generator step (METHOD.md, "Losses", G step).
+"""Gradient normalization `GN` of the generator step (docs/method.md, "Losses", G step).
 
 `GN` is the identity in the forward pass. In the backward pass it divides the adversarial gradient
 arriving at the generator's output by `sqrt(m) + eps`, where `m` is an exponential moving average

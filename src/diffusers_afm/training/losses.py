@@ -1,4 +1,4 @@
-"""The AFM loss terms (METHOD.md, "Losses" and "Classifier guidance").
+"""The AFM loss terms (docs/method.md, "Losses" and "Classifier guidance").
 
 Relativistic pairing: the i-th real sample is paired with the i-th fake sample of the batch, so all
 logits are (B,) tensors in the same sample order. The terms are computed in float32 whatever the
@@ -15,10 +15,12 @@ G step:
 """
 
 import math
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ..flow import interpolate
 
 
 def relativistic_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ def discriminator_loss(
         logits_real_perturbed, logits_fake_perturbed: `D(real + eps n1)`, `D(fake + eps n2)` for the
             FIRST n samples of the batch, shape (n,); n may be 0.
         weight_perturbed: `w` of those n samples, shape (n,).
-        gp_scale, gp_eps, cp_scale: METHOD.md defaults 0.25, 0.01, 0.01.
+        gp_scale, gp_eps, cp_scale: docs/method.md defaults 0.25, 0.01, 0.01.
     """
     relativistic = relativistic_loss(logits_real, logits_fake)
     r1 = approximated_gradient_penalty(logits_real_perturbed, logits_real, weight_perturbed, gp_scale, gp_eps)
@@ -121,9 +123,39 @@ def generator_loss(
     return loss, {name: value.detach() for name, value in parts.items()}
 
 
-def classifier_guidance_loss(classifier_logits: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy `CE(C(x_u, u), c)` of the noisy-latent classifier on the generator's samples.
+def classifier_guidance_term(
+    classifier: Callable,
+    x_fake: torch.Tensor,
+    class_labels: torch.Tensor,
+    timestep_tgt: torch.Tensor,
+    nfe: Optional[int],
+    cg_max_time: float,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """The (unscaled) classifier-guidance term of the generator loss (docs/method.md, "Classifier guidance").
 
-    The caller scales it by `cg_scale` and builds `x_u` (METHOD.md, "Classifier guidance").
+    `classifier(x, t)` returns class logits (or an output with `.logits`); `x_fake` is the
+    generator's output `x_t_fake`, at time `timestep_tgt` (B,).
+
+    - 1 NFE (`nfe == 1`): the fake is data-like (t = 0), so it is re-noised to `u ~ U(0, cg_max_time)`
+      with fresh noise z' and scored there: `mean_i CE(C(interp(x_fake_i, z'_i, u_i), u_i), c_i)`.
+    - multi-step and any-step: `x_fake` already lies at its time `t`, so it is scored as it is,
+      `CE(C(x_fake_i, t_i), c_i)`, counted only where `t_i <= cg_max_time` and averaged over the WHOLE
+      batch: `sum_i mask_i * CE_i / B`. This is the reference trainer's normalisation, the one that
+      `cg_scale = 0.02` was tuned with (dividing by the kept count instead would double the term at 2 NFE).
+      The mask keeps the shapes fixed (no data-dependent indexing, no host sync).
     """
-    return F.cross_entropy(classifier_logits.float(), class_labels)
+    batch_size = x_fake.shape[0]
+    if nfe == 1:
+        u = cg_max_time * torch.rand(batch_size, device=x_fake.device, generator=generator)
+        noise = torch.randn(x_fake.shape, device=x_fake.device, dtype=x_fake.dtype, generator=generator)
+        x_u, mask = interpolate(x_fake, noise, u), None
+    else:
+        u, x_u = timestep_tgt, x_fake
+        mask = (timestep_tgt <= cg_max_time).float()
+    output = classifier(x_u, u)
+    logits = output.logits if hasattr(output, "logits") else output
+    per_sample = F.cross_entropy(logits.float(), class_labels, reduction="none")  # (B,)
+    if mask is None:
+        return per_sample.mean()
+    return (per_sample * mask).sum() / batch_size

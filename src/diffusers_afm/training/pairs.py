@@ -1,4 +1,4 @@
-"""Which points of the flow a training step compares (METHOD.md, "Which (s, t) pairs are trained").
+"""Which points of the flow a training step compares (docs/method.md, "Which (s, t) pairs are trained").
 
 A generator step goes from a source time `s` to a target time `t < s`. The generator sees
 `x_s = interp(x0, z_s, s)`; the discriminator compares its output with the real point
@@ -13,7 +13,7 @@ import torch
 
 from ..flow import interpolate
 
-# METHOD.md, "Weight w": `w = max(|s - t|, 0.001)` keeps the OT term finite when s and t meet.
+# docs/method.md, "Weight w": `w = max(|s - t|, 0.001)` keeps the OT term finite when s and t meet.
 MIN_FLOW_WEIGHT = 0.001
 
 
@@ -57,7 +57,7 @@ def make_flow_pair(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return `(x_s, x_t_real)` for data `x0` and per-sample times `s`, `t` of shape (N,).
 
-    The two noises `z_s`, `z_t` are independent (METHOD.md): the discriminator compares
+    The two noises `z_s`, `z_t` are independent (docs/method.md): the discriminator compares
     distributions, so `x_t_real` only has to be a sample of the marginal at `t`. With `s = 1`,
     `x_s` is exactly the noise `z_s`.
     """

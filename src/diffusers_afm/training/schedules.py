@@ -1,7 +1,7 @@
 """Hyper-parameter schedules as pure functions of the training step.
 
 Each constructor returns a callable `step -> float`; the trainer evaluates it at the global step
-(METHOD.md counts D and G steps together). The reference `ot_scale` is
+(docs/method.md counts D and G steps together). The reference `ot_scale` is
 `cosine(0.2, 0.005, 1_000_000)`: a cosine decay over one million steps, then constant.
 
 Config files describe a schedule with `parse_schedule`: a number, or a dict such as

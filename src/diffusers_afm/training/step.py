@@ -1,10 +1,11 @@
-"""One AFM training iteration: a discriminator step, then a generator step (METHOD.md, "Losses").
+"""One AFM training iteration: a discriminator step, then a generator step (docs/method.md, "Losses").
 
 `AFMTrainingStep` is the only place where the networks, the losses and the optimizers meet; the
 example trainer, the toy experiments and the tests all call it. It is written for Accelerate
 (mixed precision, gradient accumulation, DDP/FSDP), and keeps the step lean:
 
-- the D step evaluates the real, the fake and both perturbed sub-batches in ONE discriminator call;
+- the D step evaluates the real, the fake and both perturbed sub-batches in ONE discriminator call
+  (under mixed precision the penalty's samples run in full precision inside it);
 - the G step evaluates `D(GN(fake))` and `D(real)` in one call, with the discriminator's
   parameters frozen so no gradient is computed for them;
 - no value is moved to the host: the returned logs are tensors, read only when the caller logs.
@@ -14,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from .. import flow
+from . import recipe
 from .augment import augment_pair
 from .ema import ModelEMA, unwrap
 from .grad_norm import GradientNormalization
-from .losses import discriminator_loss, generator_loss, perturbed_batch_size
+from .losses import classifier_guidance_term, discriminator_loss, generator_loss, perturbed_batch_size
 from .pairs import flow_weight, make_flow_pair, sample_timestep_pairs
 from .schedules import constant
 
@@ -29,7 +30,7 @@ Schedule = Callable[[int], float]
 
 @dataclass
 class AFMObjective:
-    """Every setting of the AFM objective; the defaults are the paper's for 1-NFE XL/2 (METHOD.md).
+    """Every setting of the AFM objective; the defaults are the paper's for 1-NFE XL/2 (docs/method.md).
 
     Schedules are functions of the training step counted as in the paper: D and G steps together,
     so one `AFMTrainingStep` call advances them by 2.
@@ -42,9 +43,13 @@ class AFMObjective:
     gp_eps: float = 0.01
     gp_batch_ratio: float = 0.25
     cp_scale: float = 0.01
+    # Under mixed precision, run the R1/R2 samples and their partners in fp32/TF32 (docs/method.md,
+    # "Precision"); False gives bf16's rounding-inflated penalty, for comparison only.
+    gp_full_precision: bool = True
     augment_p: Schedule = field(default_factory=lambda: constant(0.0))
     cg_scale: float = 0.0
-    # 1 NFE: the fake is re-noised to u ~ U(0, cg_max_time); multi-step: u = t where t <= cg_max_time.
+    # 1 NFE: the fake is re-noised to u ~ U(0, cg_max_time); multi-step: scored at t where t <= cg_max_time
+    # (`classifier_guidance_term`).
     cg_max_time: Optional[float] = None
 
     def __post_init__(self):
@@ -58,7 +63,7 @@ class AFMObjective:
         if self.prediction_type not in flow.PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {flow.PREDICTION_TYPES}, got {self.prediction_type!r}.")
         if self.cg_max_time is None:
-            self.cg_max_time = 0.1 if self.nfe == 1 else 0.49
+            self.cg_max_time = recipe.cg_max_time(self.nfe)
 
 
 def _sample(output) -> torch.Tensor:
@@ -72,12 +77,14 @@ class AFMTrainingStep:
     Args:
         accelerator: the `accelerate.Accelerator` that prepared the networks and optimizers.
         generator, discriminator: `G(x_s, c, s, t)` and `D(x, c, t)`, as prepared by the accelerator.
+            Under mixed precision with `objective.gp_full_precision`, D is also given
+            `full_precision_samples=k` (as `AdversarialFlowDiscriminator` takes it).
         optimizer_g, optimizer_d: their optimizers (prepared).
         objective: the loss settings.
         grad_norm: the `GradientNormalization` module, or None to train without it.
         ema: the generator's `ModelEMA`, updated after every G optimizer step with `ema_decay`
             (a number, or a schedule of the iteration, e.g. `ema_warmup(0.999)`).
-        max_grad_norm_g, max_grad_norm_d: gradient clipping (METHOD.md: 50 for 1 NFE, 5 multi-step/deep).
+        max_grad_norm_g, max_grad_norm_d: gradient clipping (docs/method.md: 50 for 1 NFE, 5 multi-step/deep).
         classifier: the frozen noisy-latent classifier for guidance (used when `cg_scale > 0`).
         noise_generator: the `torch.Generator` (on the accelerator's device) for every random draw,
             so a resumed run continues exactly; the caller checkpoints its state.
@@ -139,6 +146,29 @@ class AFMTrainingStep:
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
     # ---------------------------------------------------------------- D step
+    def discriminator_logits(self, real, fake, class_labels, t, num_perturbed: int):
+        """`D(real)`, `D(fake)` (B,) and `D(real + eps n1)`, `D(fake + eps n2)` for the first
+        `num_perturbed` samples (n,), in ONE discriminator call; draws the perturbations.
+
+        The approximated R1/R2 take `D(x + eps n) - D(x)` in place of `|grad_x D|`. Under mixed
+        precision (and `gp_full_precision`), the 4n samples of that difference run in full precision
+        inside the call, so that bf16 rounding does not swamp it (docs/method.md, "Precision").
+        """
+        obj, n, batch_size = self.objective, num_perturbed, real.shape[0]
+        perturbation = obj.gp_eps * torch.randn((2 * n,) + real.shape[1:], device=real.device, generator=self.rng)
+        # The penalty's samples first: the discriminator runs its first `full_precision_samples` rows in fp32.
+        inputs = torch.cat([real[:n], fake[:n], real[:n] + perturbation[:n], fake[:n] + perturbation[n:], real[n:], fake[n:]])
+        labels = torch.cat([class_labels[:n]] * 4 + [class_labels[n:]] * 2)
+        times = torch.cat([t[:n]] * 4 + [t[n:]] * 2)
+        # Only asked of a discriminator that needs it; any `D(x, c, t)` (the toys') works otherwise.
+        split = {"full_precision_samples": 4 * n} if obj.gp_full_precision and self.accelerator.mixed_precision != "no" else {}
+        with self.accelerator.autocast():
+            logits = self.discriminator(inputs, labels, times, **split).float()
+        head_real, head_fake, real_perturbed, fake_perturbed, tail_real, tail_fake = logits.split(
+            [n, n, n, n, batch_size - n, batch_size - n]
+        )
+        return torch.cat([head_real, tail_real]), torch.cat([head_fake, tail_fake]), real_perturbed, fake_perturbed
+
     def discriminator_step(self, x0: torch.Tensor, class_labels: torch.LongTensor, step: int) -> Dict[str, torch.Tensor]:
         obj = self.objective
         batch_size = x0.shape[0]
@@ -148,16 +178,9 @@ class AFMTrainingStep:
             fake = self._generate(unwrap(self.generator), x_s, class_labels, s, t)
         real, fake = augment_pair(real, fake, obj.augment_p(step), generator=self.rng)
 
-        # Approximated R1/R2 on the first n samples: D(x + eps * noise) - D(x) replaces |grad_x D|.
         n = perturbed_batch_size(batch_size, obj.gp_batch_ratio)
-        perturbation = obj.gp_eps * torch.randn((2 * n,) + x0.shape[1:], device=x0.device, generator=self.rng)
-        inputs = torch.cat([real, fake, real[:n] + perturbation[:n], fake[:n] + perturbation[n:]])
-        labels = torch.cat([class_labels, class_labels, class_labels[:n], class_labels[:n]])
-        times = torch.cat([t, t, t[:n], t[:n]])
-        with self.accelerator.autocast():
-            logits = self.discriminator(inputs, labels, times).float()
-        logits_real, logits_fake, logits_real_perturbed, logits_fake_perturbed = logits.split(
-            [batch_size, batch_size, n, n]
+        logits_real, logits_fake, logits_real_perturbed, logits_fake_perturbed = self.discriminator_logits(
+            real, fake, class_labels, t, n
         )
         weight = flow_weight(s, t)
         loss, logs = discriminator_loss(
@@ -194,7 +217,10 @@ class AFMTrainingStep:
             ot_scale = obj.ot_scale(step)
             loss, logs = generator_loss(logits_fake, logits_real, fake, x_s, flow_weight(s, t), ot_scale)
             if obj.cg_scale > 0:
-                guidance = self._classifier_guidance(fake, class_labels, t)
+                with self.accelerator.autocast():
+                    guidance = classifier_guidance_term(
+                        self.classifier, fake, class_labels, t, obj.nfe, obj.cg_max_time, generator=self.rng
+                    )
                 loss = loss + obj.cg_scale * guidance
                 logs["loss_g"] = loss.detach()
                 logs["guidance"] = guidance.detach()
@@ -208,22 +234,3 @@ class AFMTrainingStep:
         self.optimizer_g.zero_grad(set_to_none=True)
         logs["ot_scale"] = torch.full((), ot_scale, device=fake.device)  # a fill, not a host-to-device copy
         return logs
-
-    def _classifier_guidance(self, fake: torch.Tensor, class_labels: torch.LongTensor, t: torch.Tensor) -> torch.Tensor:
-        """`CE(C(interp(x_fake, z', u), u), c)` (METHOD.md, "Classifier guidance").
-
-        1 NFE: u ~ U(0, cg_max_time), the fake re-noised to u. Multi-step: u = t, counted only
-        where t <= cg_max_time (as a mask, so no data-dependent shapes and no host sync).
-        """
-        batch_size = fake.shape[0]
-        if self.objective.nfe == 1:
-            u = self.objective.cg_max_time * torch.rand(batch_size, device=fake.device, generator=self.rng)
-            mask = torch.ones_like(u)
-        else:
-            u = t
-            mask = (t <= self.objective.cg_max_time).float()
-        noise = torch.randn(fake.shape, device=fake.device, generator=self.rng)
-        with self.accelerator.autocast():
-            logits = self.classifier(flow.interpolate(fake, noise, u), u).float()
-        per_sample = F.cross_entropy(logits, class_labels, reduction="none")
-        return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,228 +1,61 @@
-"""Image data for training: any `datasets` image dataset, and the digits that ship with scikit-learn.
+"""The latent cache: every image VAE-encoded once, so that training skips the encoder.
 
-Images are decoded lazily and defensively (a corrupt file is skipped with a warning that names
-it), resized and cropped to a square, and scaled to [-1, 1] (METHOD.md, "Training recipe": data).
-Random horizontal flips are applied later, on the batch, with the trainer's own random generator,
-so that a resumed run sees exactly the flips of an uninterrupted one.
+The invariant, stated here once: training from a cache is on-the-fly encoding. The cache keeps the
+VAE posterior N(mean, std^2) of each image and of its horizontal flip, not one draw from it, so a
+trainer reading it draws the flips and the posterior noise from the run's own generator, in the
+same order and with the same values as `TrainingData.encode` draws them: `random_flip` before
+`vae.encode`, then `latent_dist.sample(generator=...)`. `select_flip` makes the uniform draws of
+`random_flip` and `sample_posterior` the computation of `DiagonalGaussianDistribution.sample`;
+`cached_latents` does both. The posteriors themselves match on-the-fly encoding up to the encoder's
+batch-dependent round-off, provided the cache has the dtype the trainer's VAE runs in
+(`LatentCacheDataset.check_compatible` warns otherwise).
 
-A latent cache (`LatentCacheDataset`, written by `examples/cache_latents.py`) holds the VAE posterior
-of every image and of its mirror image, so that training skips the encoder and still draws the
-same flips and latents from the same generator (`cached_latents`).
+The format, in `cache_dir`:
+
+- `shard-XXXXX.safetensors`, `shard_size` images each: `latent_mean` and `latent_std`
+  (n, 2, C, h, w; index 0 of the second axis the image, 1 its flip, in the VAE's dtype),
+  `class_labels`, and `valid` (0 for an image that could not be read: its row is kept, so that
+  row i of the cache is row i of the dataset).
+- `cache_info.json`: the settings (`latent_cache_info`), and `"complete": true` once every shard
+  is there.
+
+`write_latent_cache` writes it resumably: shard k is written by process k % num_processes, under a
+temporary name then renamed; a rerun with the same settings skips the shards that exist, and one
+with other settings is an error. `LatentCacheDataset` reads it back.
 """
 
-import io
 import json
 import logging
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
-import PIL.Image
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .utils import atomic_file
+from ..utils import atomic_file
 
 logger = logging.getLogger(__name__)
 
-DIGITS_NAMES = [str(i) for i in range(10)]
-# `--dataset_name digits` names the embedded digits explicitly (e.g. to override a config's data set);
-# a local folder of that name is `./digits`.
-EMBEDDED_DIGITS = "digits"
-
-
-def digits_dataset(split: Optional[str] = "train", test_fraction: float = 0.25, seed: int = 0):
-    """scikit-learn's 1,797 handwritten digits (8x8, 10 classes) as a `datasets.Dataset`.
-
-    `split` is `"train"`, `"test"` (a fixed, class-stratified 25% hold-out) or `None` for all.
-    Pixels (0..16 in scikit-learn) become 8-bit grey images.
-    """
-    import datasets
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if split not in ("train", "test", None):
-        raise ValueError(f"`split` must be 'train', 'test' or None, got {split!r}.")
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    labels = digits.target.astype(np.int64)
-    if split is not None:
-        train_idx, test_idx = train_test_split(
-            np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
-        )
-        keep = np.sort(train_idx if split == "train" else test_idx)
-        images, labels = images[keep], labels[keep]
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=DIGITS_NAMES)}
-    )
-    return datasets.Dataset.from_dict(
-        {"image": [PIL.Image.fromarray(im, mode="L") for im in images], "label": labels.tolist()}, features=features
-    )
-
-
-def load_image_dataset(
-    dataset_name: Optional[str] = None,
-    dataset_config_name: Optional[str] = None,
-    train_data_dir: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-    split: str = "train",
-):
-    """A Hub dataset, a local folder (`imagefolder`), or the embedded digits when neither is given
-    (or when `dataset_name` is `"digits"`)."""
-    import datasets
-
-    if train_data_dir is not None:
-        if not os.path.isdir(train_data_dir):
-            raise ValueError(f"`--train_data_dir`: {train_data_dir!r} is not a folder.")
-        return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
-    if dataset_name is not None and dataset_name != EMBEDDED_DIGITS:
-        if os.path.isdir(dataset_name):
-            return datasets.load_dataset("imagefolder", data_dir=dataset_name, cache_dir=cache_dir, split=split)
-        return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
-    return digits_dataset(split)
-
-
-def class_names(dataset, label_column: Optional[str]) -> Optional[List[str]]:
-    """Names of a `ClassLabel` column, or None when labels are plain integers (or absent)."""
-    import datasets
-
-    if label_column is None or label_column not in dataset.column_names:
-        return None
-    feature = dataset.features[label_column]
-    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-
-
-def infer_num_classes(dataset, label_column: Optional[str], num_classes: Optional[int] = None) -> int:
-    """The model's class count; checks every label against it before any training starts.
-
-    A dataset without the label column trains an unconditional model (one class).
-    """
-    if label_column is None or label_column not in dataset.column_names:
-        return num_classes or 1
-    names = class_names(dataset, label_column)
-    labels = np.asarray(dataset[label_column])
-    if labels.size == 0:
-        raise ValueError("The training dataset is empty.")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"`--label_column` {label_column!r} must hold integer class ids, got {labels.dtype}.")
-    if num_classes is None:
-        num_classes = len(names) if names is not None else int(labels.max()) + 1
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.size:
-        raise ValueError(
-            f"`--label_column` {label_column!r} holds label {int(bad[0])}, outside the model's classes 0..{num_classes - 1}."
-        )
-    return num_classes
-
-
-class ImageTransform:
-    """PIL image -> float32 (C, H, W) tensor in [-1, 1]: shorter side resized, then a square crop.
-
-    Args:
-        resolution: output side.
-        center_crop: center crop (the paper's setting) rather than a random crop.
-        mode: `"RGB"` (3 channels) or `"L"` (1 channel).
-    """
-
-    def __init__(self, resolution: int, center_crop: bool = True, mode: str = "RGB"):
-        if mode not in ("RGB", "L"):
-            raise ValueError(f"`mode` must be 'RGB' or 'L', got {mode!r}.")
-        self.resolution, self.center_crop, self.mode = resolution, center_crop, mode
-
-    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        image = image.convert(self.mode)
-        width, height = image.size
-        scale = self.resolution / min(width, height)
-        if scale != 1:
-            size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-            image = image.resize(size, PIL.Image.BICUBIC if scale > 1 else PIL.Image.BOX)
-        width, height = image.size
-        if self.center_crop:
-            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
-        else:
-            left = int(np.random.randint(0, width - self.resolution + 1))
-            top = int(np.random.randint(0, height - self.resolution + 1))
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        if array.ndim == 2:
-            array = array[:, :, None]
-        return torch.from_numpy(array.transpose(2, 0, 1).copy())
-
-
-def _decode(value) -> Tuple[Optional[PIL.Image.Image], str]:
-    """Decode an undecoded `datasets.Image` value; returns (image or None, its name for messages)."""
-    if isinstance(value, PIL.Image.Image):
-        return value, "<in-memory image>"
-    name = value.get("path") or "<image bytes>"
-    try:
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-        image = PIL.Image.open(source)
-        image.load()
-        return image, name
-    except Exception as err:  # PIL raises many types for broken files
-        logger.warning("Skipping unreadable image %s: %s", name, err)
-        return None, name
-
-
-def make_preprocess(image_column: str, label_column: Optional[str], transform: ImageTransform):
-    """A `dataset.with_transform` function: decode, transform, and mark unreadable images as None."""
-
-    def preprocess(examples: Dict[str, list]) -> Dict[str, list]:
-        pixel_values = []
-        for value in examples[image_column]:
-            image, _ = _decode(value)
-            pixel_values.append(transform(image) if image is not None else None)
-        count = len(pixel_values)
-        labels = examples[label_column] if label_column in examples else [0] * count
-        return {"pixel_values": pixel_values, "class_labels": labels}
-
-    return preprocess
-
-
-def prepare_dataset(dataset, image_column: str, label_column: Optional[str], transform: ImageTransform):
-    """Lazily decoded, transformed dataset of `pixel_values` / `class_labels`."""
-    import datasets
-
-    if image_column not in dataset.column_names:
-        raise ValueError(f"`--image_column` {image_column!r} is not a column; the dataset has {dataset.column_names}.")
-    if isinstance(dataset.features[image_column], datasets.Image):
-        # Decode ourselves, so that one broken file is skipped instead of stopping training.
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    if label_column is not None and label_column not in dataset.column_names:
-        label_column = None
-    return dataset.with_transform(make_preprocess(image_column, label_column, transform))
-
-
-def collate(examples: List[Dict]) -> Dict[str, torch.Tensor]:
-    """Stack a batch, leaving out images that could not be read."""
-    kept = [ex for ex in examples if ex["pixel_values"] is not None]
-    if not kept:
-        raise RuntimeError("Every image of a batch was unreadable; see the warnings above.")
-    return {
-        "pixel_values": torch.stack([ex["pixel_values"] for ex in kept]),
-        "class_labels": torch.tensor([int(ex["class_labels"]) for ex in kept], dtype=torch.long),
-    }
-
-
-def random_flip(images: torch.Tensor, generator: Optional[torch.Generator] = None, p: float = 0.5) -> torch.Tensor:
-    """Flip each image horizontally with probability `p` (drawn with `generator`)."""
-    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < p
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-
-# ----------------------------------------------------------------------------- latent cache
-# The VAE encoder runs once per image (and once for its mirror image) instead of every epoch. The
-# cache keeps the posterior N(mean, std^2) of both orientations rather than one draw from it, so a
-# trainer reading it draws the flips and the latent noise from its own generator, in the same order
-# and with the same values as on-the-fly encoding: `random_flip` before `vae.encode`, then
-# `latent_dist.sample(generator=...)`.
 LATENT_CACHE_INFO = "cache_info.json"
 LATENT_CACHE_FORMAT = "diffusers-afm latent cache"
 
 
 def latent_cache_shard_name(shard_index: int) -> str:
     return f"shard-{shard_index:05d}.safetensors"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def read_cache_info(cache_dir: str) -> Optional[Dict]:
+    """The `cache_info.json` of a latent cache, or None when `cache_dir` has none."""
+    path = os.path.join(cache_dir, LATENT_CACHE_INFO)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 @torch.no_grad()
@@ -302,8 +135,123 @@ def cache_shards(num_images: int, shard_size: int, process_index: int = 0, num_p
     return list(range(process_index, num_shards, num_processes))
 
 
+def missing_shards(cache_dir: str, shards: List[int]) -> List[int]:
+    """Those of `shards` whose file is not (yet) in `cache_dir`."""
+    return [k for k in shards if not os.path.exists(os.path.join(cache_dir, latent_cache_shard_name(k)))]
+
+
+def latent_cache_info(
+    vae,
+    vae_name: str,
+    num_images: int,
+    num_classes: int,
+    class_names: Optional[List[str]],
+    resolution: int,
+    shard_size: int,
+    dataset: Dict,
+) -> Dict:
+    """The settings a cache records in `cache_info.json`; a resumed write must match them all.
+
+    Args:
+        vae: the `AutoencoderKL` that encodes (its dtype is the cache's).
+        vae_name: how the trainer loads it again (`--vae`).
+        num_images: rows of the dataset, unreadable images included.
+        num_classes, class_names: the dataset's classes (`infer_num_classes`, `class_names`).
+        resolution: the side of the center-cropped images.
+        shard_size: images per shard file.
+        dataset: where the images came from (name, config, folder, split, columns), for the record.
+    """
+    from .training_data import vae_scale_factor  # training_data imports this module
+
+    if vae is None:
+        raise ValueError("a latent cache needs a VAE; got `--vae none`.")
+    down = vae_scale_factor(vae)
+    if resolution % down:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {down}.")
+    return {
+        "format": LATENT_CACHE_FORMAT,
+        "version": 1,
+        "dataset": dataset,
+        "num_images": num_images,
+        "num_classes": num_classes,
+        "id2label": {str(i): n for i, n in enumerate(class_names)} if class_names else None,
+        "resolution": resolution,
+        "center_crop": True,
+        "vae": vae_name,
+        "scaling_factor": vae.config.scaling_factor,
+        "dtype": _dtype_name(vae.dtype),
+        "latent_shape": [vae.config.latent_channels, resolution // down, resolution // down],
+        "orientations": ["image", "horizontal flip"],
+        "shard_size": shard_size,
+        "num_shards": -(-num_images // shard_size),
+    }
+
+
+def write_latent_cache(
+    dataset,
+    vae,
+    cache_dir: str,
+    info: Dict,
+    state,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    max_shards: Optional[int] = None,
+) -> List[int]:
+    """Write (or finish) a latent cache: call on every process, with the same arguments.
+
+    Args:
+        dataset: a `prepare_dataset` dataset (center-cropped, as the trainer reads it).
+        vae: the `AutoencoderKL` that encodes, on this process's device.
+        cache_dir: the cache folder.
+        info: `latent_cache_info(...)` of this write.
+        state: accelerate's `PartialState` (`diffusers_afm.utils.distributed_state()`).
+        batch_size: images per VAE call (twice that with the flips).
+        num_workers: DataLoader workers.
+        max_shards: stop after this process has written this many shards.
+
+    Returns the shards still missing once every process is done (none when the cache is complete).
+    """
+    from tqdm.auto import tqdm
+
+    # 1. An existing cache must have been made with the same settings (checked on every process).
+    existing = read_cache_info(cache_dir)
+    if existing is not None:
+        different = [k for k in info if existing.get(k) != info[k]]
+        if different:
+            changes = ", ".join(f"{k}: {existing.get(k)!r} -> {info[k]!r}" for k in different)
+            raise ValueError(f"{cache_dir} holds a cache made with other settings ({changes}); "
+                             "use another --output_dir or the same flags to resume.")
+    info_path = os.path.join(cache_dir, LATENT_CACHE_INFO)
+    state.wait_for_everyone()
+    if state.is_main_process and existing is None:
+        with atomic_file(info_path, "w") as f:
+            json.dump(dict(info, complete=False), f, indent=2)
+    state.wait_for_everyone()
+
+    # 2. This process's missing shards
+    num_images, shard_size = info["num_images"], info["shard_size"]
+    todo = missing_shards(cache_dir, cache_shards(num_images, shard_size, state.process_index, state.num_processes))
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    images = sum(min(shard_size, num_images - k * shard_size) for k in todo)
+    with tqdm(total=images, unit="img", desc=f"encoding (rank {state.process_index})",
+              disable=not state.is_local_main_process) as progress:
+        for k in todo:
+            write_latent_cache_shard(dataset, vae, cache_dir, k, shard_size, batch_size, num_workers,
+                                     on_batch=progress.update)
+
+    # 3. Complete once every shard is there
+    state.wait_for_everyone()
+    missing = missing_shards(cache_dir, list(range(info["num_shards"])))
+    if state.is_main_process and not missing:
+        with atomic_file(info_path, "w") as f:
+            json.dump(dict(info, complete=True), f, indent=2)
+    state.wait_for_everyone()
+    return missing
+
+
 class LatentCacheDataset(torch.utils.data.Dataset):
-    """A latent cache written by `examples/cache_latents.py`, as a map-style dataset.
+    """A latent cache written by `write_latent_cache` (`examples/cache_latents.py`), as a map-style dataset.
 
     Item i is row i of the dataset that was encoded: `{"latent_mean": (2, C, h, w),
     "latent_std": (2, C, h, w), "class_labels": int}` (index 0 of the first axis is the image, 1 its
@@ -315,11 +263,9 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache_dir: str):
-        path = os.path.join(cache_dir, LATENT_CACHE_INFO)
-        if not os.path.isfile(path):
+        self.info = read_cache_info(cache_dir)
+        if self.info is None:
             raise FileNotFoundError(f"{cache_dir} is not a latent cache: it has no {LATENT_CACHE_INFO}.")
-        with open(path) as f:
-            self.info = json.load(f)
         if not self.info.get("complete"):
             raise ValueError(
                 f"the latent cache in {cache_dir} is incomplete; run cache_latents.py again with the same flags to finish it."
@@ -340,10 +286,12 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         """Raise if the training run's VAE, `--resolution` or class count do not fit this cache; warn
         when the VAE's dtype differs from the cache's (the latents are then equal only up to round-off,
         not bit for bit, to on-the-fly encoding)."""
+        from .training_data import vae_scale_factor  # training_data imports this module
+
         name = self.cache_dir
         if vae is None:
             raise ValueError(f"latent cache {name}: training from latents needs the VAE (for samples); got `--vae none`.")
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        down = vae_scale_factor(vae)
         if vae.config.latent_channels != self.latent_shape[0] or vae.config.scaling_factor != self.scaling_factor:
             raise ValueError(
                 f"latent cache {name} was written by another VAE ({self.info['vae']}: {self.latent_shape[0]} channels, "
@@ -360,7 +308,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                 f"latent cache {name} holds labels up to {self.num_classes - 1}, "
                 f"outside the model's classes 0..{num_classes - 1}."
             )
-        dtype = str(vae.dtype).replace("torch.", "")
+        dtype = _dtype_name(vae.dtype)
         if dtype != self.info["dtype"]:
             logger.warning(
                 "Latent cache %s is %s but the VAE runs in %s: the cached latents match on-the-fly encoding up to "
@@ -441,11 +389,9 @@ def cached_latents(
     random_flip: bool = True,
     p: float = 0.5,
 ) -> torch.Tensor:
-    """Latents (B, C, h, w) of a `collate_latents` batch (moved to the device), unscaled, as on the fly:
-    the flips (when `random_flip`), then one posterior draw, both from `generator`.
-
-    Equivalent to `vae.encode(random_flip(pixels, generator)).latent_dist.sample(generator=generator)`;
-    multiply by the VAE's scaling factor as the trainer does.
+    """Latents (B, C, h, w) of a `collate_latents` batch (moved to the device), unscaled: the flips
+    (when `random_flip`), then one posterior draw, both from `generator`, as on-the-fly encoding
+    draws them (the module's invariant). Multiply by the VAE's scaling factor as the trainer does.
     """
     if random_flip:
         cache_batch = select_flip(cache_batch, generator, p)

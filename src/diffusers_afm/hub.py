@@ -1,0 +1,231 @@
+"""Model cards for `AFMPipeline` folders: the README.md whose metadata the Hub reads.
+
+The card describes the folder it is written into: the model's settings come from its
+`transformer/config.json`, the loading snippets from its `model_index.json` (a folder exported with
+`export_standalone` also gets the snippet that needs no diffusers-afm). What the folder cannot know
+(where it came from, the data, the training flags, the metrics) the caller passes.
+"""
+
+import glob
+import json
+import os
+from typing import Any, Dict, Optional
+
+from diffusers.utils.hub_utils import populate_model_card
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .pipelines.export import is_standalone
+from .utils import atomic_file
+
+PROJECT_URL = "https://github.com/diffusers-afm/diffusers-afm"
+PAPER_URL = "https://arxiv.org/abs/2511.22475"
+
+# A Jinja template (huggingface_hub renders it); `card_data` is the YAML metadata block.
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ summary }}
+{% if sample_grid %}
+![samples]({{ sample_grid }})
+{% endif %}
+## Use
+
+With [diffusers-afm]({{ project_url }}) installed (`pip install git+{{ project_url }}`):
+
+```python
+{{ installed_snippet }}
+```
+{% if not standalone_snippet %}
+`import diffusers_afm` also makes `diffusers.DiffusionPipeline.from_pretrained` load this folder.
+{% else %}
+Without diffusers-afm: this folder carries generated copies of its code (`pipeline_afm.py`,
+`transformer/transformer_afm.py`), which diffusers runs once you allow it:
+
+```python
+{{ standalone_snippet }}
+```
+{% endif %}
+{{ sampling_note }}
+
+## Model
+
+`transformer/config.json`:
+
+```json
+{{ model_config }}
+```
+{% if training_settings %}
+## Training settings
+
+```json
+{{ training_settings }}
+```
+{% endif %}{% if metrics %}
+## Metrics
+
+| metric | value |
+|---|---|
+{% for name, value in metrics %}| {{ name }} | {{ value }} |
+{% endfor %}{% endif %}
+## Citation
+
+Adversarial Flow Models, Lin, Yang, Lin, Chen and Fan, 2025 ([arXiv 2511.22475]({{ paper_url }})).
+"""
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _num_parameters(subfolder: str) -> int:
+    """Parameter count read off the safetensors headers (no weights are loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in glob.glob(os.path.join(subfolder, "*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                numel = 1
+                for dim in f.get_slice(key).get_shape():
+                    numel *= dim
+                total += numel
+    return total
+
+
+def _is_hub_dataset(dataset: str) -> bool:
+    if os.path.exists(dataset):
+        return False
+    try:
+        validate_repo_id(dataset)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _snippet(repo_id: str, config: dict, standalone: bool) -> str:
+    num_classes = config["num_classes"]
+    if num_classes > 1:
+        labels = sorted({i * num_classes // 3 for i in range(min(3, num_classes))})
+        call = f"pipe(class_labels={labels}, generator=torch.Generator().manual_seed(0)).images"
+    else:
+        call = "pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images"
+    if standalone:
+        head = "from diffusers import DiffusionPipeline\n\n"
+        load = f"pipe = DiffusionPipeline.from_pretrained({json.dumps(repo_id)}, trust_remote_code=True)"
+    else:
+        head = "from diffusers_afm import AFMPipeline\n\n"
+        load = f"pipe = AFMPipeline.from_pretrained({json.dumps(repo_id)})"
+    return f'import torch\n{head}{load}\nimages = {call}\nimages[0].save("sample.png")'
+
+
+def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], description: Optional[str]) -> str:
+    num_classes = config["num_classes"]
+    kind = f"class-conditional ({num_classes} classes)" if num_classes > 1 else "unconditional"
+    nfe = config["nfe"]
+    steps = "any number of steps" if nfe is None else ("1 step (one forward pass)" if nfe == 1 else f"{nfe} steps")
+    prediction = {"sample": "x-prediction", "velocity": "v-prediction"}[config["prediction_type"]]
+    size = config["sample_size"]
+    if index.get("vae", [None])[0] is not None:
+        vae_config = _read_json(os.path.join(folder, "vae", "config.json"))
+        pixels = size * 2 ** (len(vae_config["block_out_channels"]) - 1)
+        space = f"in the latent space of its VAE ({size}x{size} latents, {pixels}x{pixels} images)"
+    else:
+        space = f"in pixel space ({size}x{size} images)"
+    count = _num_parameters(os.path.join(folder, "transformer"))
+    count = f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
+    text = (
+        f"A {kind} [Adversarial Flow Model]({PAPER_URL}) that samples in {steps} with {prediction}, {space}; "
+        f"a {count}-parameter generator, made with [diffusers-afm]({PROJECT_URL})."
+    )
+    if dataset:
+        text += f" Trained on `{dataset}`."
+    if description:
+        text += f" {description}"
+    return text
+
+
+def _sampling_note(config: dict) -> str:
+    steps = "Pass any `num_inference_steps` (default 1). " if config["nfe"] is None else ""
+    labels = "Class names work as labels too (`pipe.labels` lists them). " if config["num_classes"] > 1 else ""
+    return (
+        f"{steps}{labels}There is no `guidance_scale`: AFM has no classifier-free guidance; a guided "
+        "model has the guidance trained into its generator."
+    )
+
+
+def make_model_card(
+    folder: str,
+    *,
+    repo_id: Optional[str] = None,
+    base_model: Optional[str] = None,
+    dataset: Optional[str] = None,
+    training_settings: Optional[Dict[str, Any]] = None,
+    sample_grid: Optional[str] = None,
+    metrics: Optional[Dict[str, float]] = None,
+    description: Optional[str] = None,
+    license: Optional[str] = "apache-2.0",
+) -> ModelCard:
+    """The model card of the `AFMPipeline` folder `folder`.
+
+    Args:
+        repo_id: the name the snippets load (a Hub id or a path); defaults to the folder's name.
+        base_model: Hub id of the weights training started from.
+        dataset: the training data; a Hub dataset id also goes into the metadata, a local path
+            only into the text.
+        training_settings: the resolved training flags; a card with them is tagged
+            `diffusers-training`.
+        sample_grid: an image file inside `folder` (e.g. "samples.png") shown on the card.
+        metrics: measured metrics, name -> value (e.g. {"fid": 3.2}).
+        description: a sentence appended to the summary (e.g. where converted weights came from).
+        license: the licence id for the metadata; `None` leaves it out.
+    """
+    index = _read_json(os.path.join(folder, "model_index.json"))
+    config = {k: v for k, v in _read_json(os.path.join(folder, "transformer", "config.json")).items() if not k.startswith("_")}
+    if sample_grid is not None and not os.path.isfile(os.path.join(folder, sample_grid)):
+        raise FileNotFoundError(f"`sample_grid`: no file {sample_grid!r} in {folder!r}.")
+    repo_id = repo_id or os.path.basename(os.path.abspath(folder))
+    standalone = is_standalone(folder)
+    conditional = config["num_classes"] > 1
+
+    card_data = ModelCardData(
+        license=license,
+        base_model=base_model,
+        datasets=[dataset] if dataset and _is_hub_dataset(dataset) else None,
+        metrics=sorted(metrics) if metrics else None,
+        pipeline_tag=None if conditional else "unconditional-image-generation",
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_name=repo_id.rstrip("/").rsplit("/", 1)[-1],
+        summary=_summary(config, index, folder, dataset, description),
+        sample_grid=sample_grid,
+        project_url=PROJECT_URL,
+        paper_url=PAPER_URL,
+        installed_snippet=_snippet(repo_id, config, standalone=False),
+        standalone_snippet=_snippet(repo_id, config, standalone=True) if standalone else None,
+        sampling_note=_sampling_note(config),
+        model_config=json.dumps(config, indent=2, sort_keys=True),
+        training_settings=json.dumps(training_settings, indent=2, sort_keys=True, default=str) if training_settings else None,
+        metrics=[(name, f"{v:.4g}" if isinstance(v, float) else v) for name, v in sorted((metrics or {}).items())],
+    )
+    tags = ["diffusers"] + (["diffusers-training"] if training_settings else [])
+    tags += ["adversarial-flow-models", "class-conditional" if conditional else "unconditional", "image-generation"]
+    return populate_model_card(card, tags=tags)
+
+
+def save_model_card(folder: str, **kwargs) -> str:
+    """Write `make_model_card(folder, **kwargs)` to `folder/README.md` (atomically); returns the path."""
+    card = make_model_card(folder, **kwargs)
+    path = os.path.join(folder, "README.md")
+    with atomic_file(path, "wb") as f:
+        f.write(str(card).encode("utf-8"))
+    return path
+
+
+__all__ = ["make_model_card", "save_model_card"]

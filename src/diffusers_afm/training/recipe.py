@@ -1,0 +1,106 @@
+"""The paper's recipe: every default, and every rule that the step count and the depth imply (docs/method.md).
+
+This is the one place where "a 2-NFE model is v-prediction with a source-time input, ot_scale
+0.25 and clipping 5" is written. The trainer fills its unset flags from `recipe_defaults`, builds
+its networks with `generator_time_inputs` / `discriminator_time_input`, and checks the whole set
+once with `check_recipe`; `AFMObjective`, the converter and the toy experiments read the same rules.
+
+| setting | 1 NFE | K NFE / any-step | deep (1 NFE, R repeats) |
+|---|---|---|---|
+| prediction_type | sample | velocity | sample |
+| generator time inputs | none | s (any-step: s and t) | none |
+| discriminator time input | no | t | no |
+| ot_scale start (cosine to 0.005 over 1M D+G steps) | 0.2 | 0.25 | 0.2 |
+| max_grad_norm | 50 | 5 | 5 |
+| cg_scale (guided phase) | 0.003 | 0.02 | 0.003 |
+| cg_max_time | 0.1 (re-noise to u ~ U(0, 0.1)) | 0.49 (score where t <= 0.49) | 0.1 |
+| generator lr | lr | lr | lr / R |
+"""
+
+from typing import Dict, Optional
+
+# The objective and optimiser values that do not depend on the step count (docs/method.md).
+PAPER_OBJECTIVE = dict(gp_scale=0.25, gp_eps=0.01, gp_batch_ratio=0.25, cp_scale=0.01, ot_scale_end=0.005,
+                       ot_decay_steps=1_000_000)
+PAPER_OPTIMIZER = dict(learning_rate=1e-4, adam_beta1=0.0, adam_beta2=0.9, adam_epsilon=1e-8,
+                       adam_weight_decay=0.01, ema_decay=0.9999)
+GUIDED_AUGMENT_P = 0.4
+
+
+def is_multi_step(nfe: Optional[int]) -> bool:
+    """K > 1 steps, or any-step (`nfe=None`)."""
+    return nfe != 1
+
+
+def prediction_type(nfe: Optional[int]) -> str:
+    """x-prediction for 1 NFE, v-prediction for multi-step and any-step models."""
+    return "velocity" if is_multi_step(nfe) else "sample"
+
+
+def generator_time_inputs(nfe: Optional[int]) -> Dict[str, bool]:
+    """The generator's time embeddings: the source time `s` for multi-step, also `t` for any-step."""
+    return dict(use_timestep_src=is_multi_step(nfe), use_timestep_tgt=nfe is None)
+
+
+def discriminator_time_input(nfe: Optional[int]) -> bool:
+    """Multi-step discriminators also see the target time `t`."""
+    return is_multi_step(nfe)
+
+
+def ot_scale_start(nfe: Optional[int]) -> float:
+    return 0.25 if is_multi_step(nfe) else 0.2
+
+
+def max_grad_norm(nfe: Optional[int], depth_repeat: int = 1) -> float:
+    """50 (effectively off) for 1 NFE; 5 for multi-step and deep models."""
+    return 5.0 if is_multi_step(nfe) or depth_repeat > 1 else 50.0
+
+
+def cg_scale(nfe: Optional[int], guided: bool) -> float:
+    """The guidance weight of the guided phase (0 without a classifier)."""
+    if not guided:
+        return 0.0
+    return 0.02 if is_multi_step(nfe) else 0.003
+
+
+def cg_max_time(nfe: Optional[int]) -> float:
+    """1 NFE: the fake is re-noised to u ~ U(0, 0.1); multi-step: guided where t <= 0.49."""
+    return 0.49 if is_multi_step(nfe) else 0.1
+
+
+def generator_learning_rate(learning_rate: float, depth_repeat: int = 1) -> float:
+    """Deep models divide the generator's lr by the number of repeats (the discriminator keeps it)."""
+    return learning_rate / depth_repeat
+
+
+def recipe_defaults(nfe: Optional[int], depth_repeat: int = 1, guided: bool = False) -> Dict:
+    """The step-count-dependent defaults, keyed by the trainer's flag names."""
+    return dict(
+        prediction_type=prediction_type(nfe),
+        ot_scale=ot_scale_start(nfe),
+        max_grad_norm=max_grad_norm(nfe, depth_repeat),
+        cg_scale=cg_scale(nfe, guided),
+        cg_max_time=cg_max_time(nfe),
+    )
+
+
+def check_recipe(nfe: Optional[int], prediction: str, depth_repeat: int = 1, cg_scale_value: float = 0.0,
+                 guided: bool = False, prefix: str = "") -> None:
+    """Reject the combinations the method does not define; the message names the setting (with
+    `prefix`, e.g. `"--"` for a command line) and what is allowed."""
+
+    def fail(name, value, allowed):
+        raise ValueError(f"`{prefix}{name}` got {value!r}; allowed: {allowed}.")
+
+    if nfe is not None and (not isinstance(nfe, int) or nfe < 1):
+        fail("nfe", nfe, "a positive integer, or any-step")
+    if not isinstance(depth_repeat, int) or depth_repeat < 1:
+        fail("depth_repeat", depth_repeat, "an integer >= 1")
+    if depth_repeat > 1 and is_multi_step(nfe):
+        fail("depth_repeat", depth_repeat, "1 unless nfe is 1 (deep models are 1-NFE)")
+    if prediction not in ("sample", "velocity"):
+        fail("prediction_type", prediction, "'sample' or 'velocity'")
+    if prediction == "sample" and is_multi_step(nfe):
+        fail("prediction_type", prediction, "'velocity' for multi-step and any-step models")
+    if cg_scale_value > 0 and not guided:
+        fail("cg_scale", cg_scale_value, "0 unless a classifier is given")
