@@ -54,11 +54,14 @@ def sample(
     num_steps: int,
     prediction_type: str,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
+    on_step_end: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """N-step sampling from `z` (docs/method.md, "Sampling with N steps").
 
     `model_fn(x_s, s, t)` is the generator with its conditioning bound, `s` and `t` one time per
-    sample; `progress` may wrap the step loop (e.g. a progress bar). N = 1 is a single forward.
+    sample; `progress` may wrap the step loop (e.g. a progress bar). `on_step_end(i, s, x_t)` runs
+    after step i (from the grid time `s`) and may return a replacement `x_t` to continue from (the
+    pipeline's `callback_on_step_end`). N = 1 is a single forward.
     """
     grid = sampling_timesteps(num_steps, device=noise.device)
     steps = range(num_steps) if progress is None else progress(range(num_steps))
@@ -68,4 +71,7 @@ def sample(
         t = grid[i + 1].expand(noise.shape[0])
         output = model_fn(sample_, s, t)
         sample_ = generator_step(output, sample_, s, t, prediction_type)
+        if on_step_end is not None:
+            replaced = on_step_end(i, grid[i], sample_)
+            sample_ = sample_ if replaced is None else replaced
     return sample_

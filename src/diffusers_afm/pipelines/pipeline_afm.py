@@ -22,7 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-from ..flow import generator_step, sampling_timesteps
+from ..flow import sample
 from ..models import AdversarialFlowTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -222,20 +222,20 @@ class AFMPipeline(DiffusionPipeline):
         and may return replacement latents to continue from, as in diffusers' pipelines.
         """
         dtype = self.transformer.dtype
-        prediction_type = self.transformer.config.prediction_type
-        batch_size = latents.shape[0]
-        timesteps = sampling_timesteps(num_inference_steps, device=latents.device)
-        steps = self.progress_bar(range(num_inference_steps)) if num_inference_steps > 1 else range(num_inference_steps)
-        for i in steps:
-            s, t = timesteps[i].expand(batch_size), timesteps[i + 1].expand(batch_size)
-            model_output = self.transformer(latents.to(dtype), class_ids, s, t).sample.float()
-            latents = generator_step(model_output, latents, s, t, prediction_type)
-            if callback_on_step_end is not None:
-                tensors = {"latents": latents}  # the `_callback_tensor_inputs`
-                callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, timesteps[i], callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
-        return latents
+
+        def model_fn(x_s, s, t):
+            return self.transformer(x_s.to(dtype), class_ids, s, t).sample.float()
+
+        def on_step_end(i, s, x_t):
+            tensors = {"latents": x_t}  # the `_callback_tensor_inputs`
+            callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+            return callback_on_step_end(self, i, s, callback_kwargs).pop("latents", x_t)
+
+        return sample(
+            model_fn, latents, num_inference_steps, self.transformer.config.prediction_type,
+            progress=self.progress_bar if num_inference_steps > 1 else None,
+            on_step_end=on_step_end if callback_on_step_end is not None else None,
+        )
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [-1, 1], decoded in the VAE's dtype (and memory format); pixel-space
