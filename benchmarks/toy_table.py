@@ -5,7 +5,7 @@
 runs examples/toy_afm.py's `run` in-process for each configuration (default settings), then writes
 `results.json` (every run's config and metrics, plus the seed agreement), `table.md` (the table and
 the issue's targets, met or not) and one figure per data set (`<dataset>.png`, seed 0: AFM,
-GAN and flow side by side). `--steps`, `--seeds`, `--datasets` and `--methods` shrink it for a
+GAN and flow side by side). `--max_train_steps`, `--seeds`, `--datasets` and `--methods` shrink it for a
 quick look.
 """
 
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=list(toy_afm.METHODS), choices=toy_afm.METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=None, help="override the default training steps")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="override the default training steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(toy_afm.NUM_THREADS)
     output_dir = Path(args.output_dir)
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
         for method in args.methods:
             maps, runs = [], []
             for seed in args.seeds:
-                overrides = {} if args.steps is None else {"steps": args.steps}
+                overrides = {} if args.max_train_steps is None else {"max_train_steps": args.max_train_steps}
                 config = toy_afm.ToyConfig(dataset=dataset_name, method=method, seed=seed, **overrides)
                 trained, record = toy_afm.run(config, dataset)
                 print(dataset_name, method, seed, json.dumps(record["metrics"]), flush=True)

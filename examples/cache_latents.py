@@ -23,6 +23,7 @@ import torch
 from diffusers_afm.data import (
     DEFAULT_VAE,
     ImageTransform,
+    check_columns,
     class_names,
     infer_num_classes,
     latent_cache_info,
@@ -43,8 +44,9 @@ def build_parser():
     p.add_argument("--train_data_dir", default=None, help="A local folder of images (imagefolder layout).")
     p.add_argument("--cache_dir", default=None, help="The `datasets` cache.")
     p.add_argument("--split", default="train")
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--label_column", default="label", help="Integer class column; if absent, one class.")
+    p.add_argument("--image_column", default="image", help="The dataset's image column.")
+    p.add_argument("--label_column", default=None,
+                   help="The integer class column (an error if missing). Unset: 'label' if the dataset has it, else one class.")
     p.add_argument("--num_classes", type=int, default=None)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--vae", default=DEFAULT_VAE, help="Local folder (or a pipeline folder with vae/) or Hub id.")
@@ -67,6 +69,7 @@ def main(argv=None):
 
     # 1. Data, exactly as the trainer prepares it (RGB, center crop), and the VAE
     dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.split)
+    args.label_column = check_columns(dataset, args.image_column, args.label_column)
     num_classes = infer_num_classes(dataset, args.label_column, args.num_classes)
     prepared = prepare_dataset(dataset, args.image_column, args.label_column, ImageTransform(args.resolution, True, "RGB"))
     vae = load_vae(args.vae, state.device, DTYPES[args.dtype])

@@ -31,11 +31,11 @@ from diffusers_afm.evaluation import (
     parse_class_labels,
     save_results,
 )
-from diffusers_afm.utils import DTYPES, distributed_state, resolve_dtype
+from diffusers_afm.utils import DTYPES, HelpFormatter, distributed_state, resolve_dtype
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--pipeline", help="AFMPipeline folder or Hub id: sample and evaluate.")
     source.add_argument("--folder", help="A folder of images (.png/.jpg/.webp, subfolders too).")
@@ -54,16 +54,21 @@ def build_parser():
     p.add_argument("--precision_recall", action=argparse.BooleanOptionalAction, default=True,
                    help="Compute precision/recall (costs one feature pass over the reference images).")
     p.add_argument("--save_reference", default=None, help="Write the reference mu/sigma/features to this .npz.")
-    p.add_argument("--batch_size", type=int, default=64, help="Images per feature-network batch.")
-    p.add_argument("--inception_splits", type=int, default=10)
-    p.add_argument("--output", default="results.json")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="Images per forward pass: of the feature network, and of the generator with --pipeline "
+                        "(the name sample_afm.py uses).")
+    p.add_argument("--inception_splits", type=int, default=10, help="Splits of the Inception Score's mean and std.")
+    p.add_argument("--output", default="results.json", help="The metrics as JSON.")
     # --pipeline only (the same meaning as in sample_afm.py)
     p.add_argument("--num_samples", type=int, default=None, help="Default: --per_class x the number of classes.")
-    p.add_argument("--per_class", type=int, default=50)
-    p.add_argument("--class_labels", type=parse_class_labels, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample_batch_size", type=int, default=64)
-    p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--per_class", type=int, default=50,
+                   help="Samples per class (of --class_labels, or of every class) when --num_samples is not given.")
+    p.add_argument("--class_labels", type=parse_class_labels, default=None,
+                   help="Comma-separated class ids to cycle through (default: every class).")
+    p.add_argument("--seed", type=int, default=0, help="Base seed; sample i uses sample_seed(seed, i).")
+    p.add_argument("--sample_batch_size", dest="batch_size", type=int, default=argparse.SUPPRESS,
+                   help="Deprecated: the old name of --batch_size.")
+    p.add_argument("--num_inference_steps", type=int, default=None, help="Default: the model's trained step count.")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on GPU, float32 on CPU.")
     return p
 
@@ -115,7 +120,7 @@ def main(argv=None):
         pipe = AFMPipeline.from_pretrained(args.pipeline, dtype=resolve_dtype(args.dtype, state.device)).to(state.device)
         pipe.set_progress_bar_config(disable=True)
         num_samples = args.num_samples or args.per_class * len(args.class_labels or range(pipe.transformer.config.num_classes))
-        results = evaluate_pipeline(pipe, reference, extractor, num_samples, batch_size=args.sample_batch_size, seed=args.seed,
+        results = evaluate_pipeline(pipe, reference, extractor, num_samples, batch_size=args.batch_size, seed=args.seed,
                                     class_labels=args.class_labels, num_inference_steps=args.num_inference_steps,
                                     accelerator=state, inception_splits=args.inception_splits, progress=True)
     elif state.is_main_process:

@@ -37,7 +37,7 @@ from diffusers_afm.evaluation import (
     sample_class_labels,
     write_samples_npz,
 )
-from diffusers_afm.utils import DTYPES, atomic_file, distributed_state, resolve_dtype
+from diffusers_afm.utils import DTYPES, HelpFormatter, atomic_file, distributed_state, resolve_dtype
 
 # Settings that change the images: a resumed run must use the same ones.
 MANIFEST_KEYS = ("pipeline", "num_samples", "class_labels", "seed", "batch_size", "num_inference_steps", "dtype", "format")
@@ -45,9 +45,9 @@ NPZ_NAME = "samples.npz"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--pipeline", required=True, help="AFMPipeline folder or Hub id.")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="Where the images, samples.npz and sampling.json go.")
     p.add_argument("--per_class", type=int, default=50,
                    help="Samples per class (of --class_labels, or of every class) when --num_samples is not given.")
     p.add_argument("--num_samples", type=int, default=None, help="Default: --per_class x the number of classes.")
@@ -56,7 +56,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="Base seed; sample i uses sample_seed(seed, i).")
     p.add_argument("--batch_size", type=int, default=64, help="Images per forward pass (per process).")
     p.add_argument("--num_inference_steps", type=int, default=None, help="Default: the model's trained step count.")
-    p.add_argument("--format", choices=("png", "npz", "both"), default="both")
+    p.add_argument("--format", choices=("png", "npz", "both"), default="both",
+                   help="One PNG per sample, one ADM-layout samples.npz, or both.")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on GPU, float32 on CPU.")
     p.add_argument("--num_writers", type=int, default=4, help="Threads per process that encode and write files.")
     p.add_argument("--max_images", type=int, default=None,

@@ -58,10 +58,10 @@ class ToyConfig:
     dataset: str = "8gaussians"
     method: str = "afm"
     nfe: int = 1
-    steps: int = 8000
+    max_train_steps: int = 8000
     seed: int = 0
-    batch_size: int = 256
-    lr: float = 1e-3
+    train_batch_size: int = 256
+    learning_rate: float = 1e-3
     ema_decay: float = 0.999
     # Twice docs/method.md's 0.2: of 0.2, 0.4 and 0.8 (constant), 0.4 met the most targets of
     # docs/toy_experiments.md; 0.8 visibly shrinks the samples towards the noise.
@@ -181,7 +181,7 @@ def initial_map(config: ToyConfig, dim: int) -> TrainedMap:
 # ------------------------------------------------------------------------------------------ training
 def _optimizer(model: nn.Module, config: ToyConfig) -> torch.optim.Optimizer:
     # docs/method.md's AdamW (betas (0, 0.9), weight decay 0.01) at a toy learning rate.
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.0, 0.9), weight_decay=0.01)
+    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.0, 0.9), weight_decay=0.01)
 
 
 def ot_scale_schedule(config: ToyConfig):
@@ -191,7 +191,7 @@ def ot_scale_schedule(config: ToyConfig):
     if config.ot_scale_end is None:
         return constant(config.ot_scale)
     # Schedules count D and G steps together: two per training iteration.
-    return cosine(config.ot_scale, config.ot_scale_end, 2 * config.steps)
+    return cosine(config.ot_scale, config.ot_scale_end, 2 * config.max_train_steps)
 
 
 def train_adversarial(config: ToyConfig, dataset) -> TrainedMap:
@@ -214,9 +214,9 @@ def train_adversarial(config: ToyConfig, dataset) -> TrainedMap:
         noise_generator=torch.Generator().manual_seed(config.seed + 1),
     )
     data_rng = torch.Generator().manual_seed(config.seed)
-    class_labels = torch.zeros(config.batch_size, dtype=torch.long)
-    for step in range(config.steps):
-        step_fn(dataset.sample(config.batch_size, data_rng), class_labels, step)
+    class_labels = torch.zeros(config.train_batch_size, dtype=torch.long)
+    for step in range(config.max_train_steps):
+        step_fn(dataset.sample(config.train_batch_size, data_rng), class_labels, step)
     return TrainedMap(ema.model, start.num_steps, start.prediction_type)
 
 
@@ -237,8 +237,8 @@ def train_flow(config: ToyConfig, dataset) -> TrainedMap:
     ema = ModelEMA(model)
     data_rng = torch.Generator().manual_seed(config.seed)
     noise_rng = torch.Generator().manual_seed(config.seed + 1)
-    for _ in range(config.steps):
-        loss = flow_matching_loss(model, dataset.sample(config.batch_size, data_rng), noise_rng)
+    for _ in range(config.max_train_steps):
+        loss = flow_matching_loss(model, dataset.sample(config.train_batch_size, data_rng), noise_rng)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -365,21 +365,26 @@ def panel_title(method: str, metrics: Dict[str, float]) -> str:
 # ------------------------------------------------------------------------------------------ CLI
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     defaults = ToyConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument(
         "--dataset", default=defaults.dataset, help="gmm1d, 8gaussians, checkerboard, moons or PATH.npy (N x D)"
     )
-    parser.add_argument("--method", default=defaults.method, choices=METHODS)
+    parser.add_argument("--method", default=defaults.method, choices=METHODS,
+                        help="afm (adversarial flow), gan (no OT term) or flow (flow matching)")
     parser.add_argument("--nfe", type=int, default=defaults.nfe, help="AFM sampling steps (1: x-prediction)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="iterations (one D and one G step each)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--ema_decay", type=float, default=defaults.ema_decay)
+    # The names of the image trainers (train_afm.py), which follow diffusers' example trainers.
+    parser.add_argument("--max_train_steps", type=int, default=defaults.max_train_steps,
+                        help="iterations (one D and one G step each)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the weights, data and noise")
+    parser.add_argument("--train_batch_size", type=int, default=defaults.train_batch_size, help="points per step")
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="AdamW learning rate")
+    parser.add_argument("--ema_decay", type=float, default=defaults.ema_decay, help="EMA decay of the generator")
     parser.add_argument("--ot_scale", type=float, default=defaults.ot_scale, help="weight of the OT term (afm only)")
     parser.add_argument("--ot_scale_end", type=float, default=None, help="cosine-decay ot_scale to this")
-    parser.add_argument("--hidden_size", type=int, default=defaults.hidden_size)
-    parser.add_argument("--num_layers", type=int, default=defaults.num_layers)
+    parser.add_argument("--hidden_size", type=int, default=defaults.hidden_size, help="MLP width")
+    parser.add_argument("--num_layers", type=int, default=defaults.num_layers, help="MLP hidden layers")
     parser.add_argument("--flow_steps", type=int, default=defaults.flow_steps, help="Euler steps of the flow")
     parser.add_argument("--eval_samples", type=int, default=None, help="default: 2000 (100000 in 1-D)")
     parser.add_argument("--output", default=None, help="write the config and metrics to this JSON file")

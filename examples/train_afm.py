@@ -59,9 +59,13 @@ from training_cli import (
     add_run_arguments,
     apply_defaults,
     check_model_spec,
+    check_model_input,
     check_run_arguments,
+    create_hub_repo,
+    default_hub_model_id,
     flag_error,
     init_trackers,
+    resolve_train_steps,
     resolved_settings,
     setup_accelerator,
     training_data_kwargs,
@@ -117,24 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Default: sample for 1 NFE, velocity for multi-step.")
     p.add_argument("--depth_repeat", type=int, default=1,
                    help="Deep 1-NFE models: 2 (56 layers) or 4 (112); the generator's lr is divided by it.")
-    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in the backward pass: less memory, more time.")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each network's transformer block in place (the first steps compile).")
-    p.add_argument("--init_from", default=None,
+    p.add_argument("--init_from", "--pretrained_model_name_or_path", dest="init_from", default=None,
                    help="A finished run's output_dir: start from its EMA generator (transformer/) and discriminator/.")
     # Objective (docs/method.md)
     p.add_argument("--ot_scale", type=float, default=None, help="Start value: 0.2 (1 NFE) or 0.25 (multi-step).")
-    p.add_argument("--ot_scale_end", type=float, default=None)
+    p.add_argument("--ot_scale_end", type=float, default=None, help="End value of the OT weight's decay (0.005; digits 0.02).")
     p.add_argument("--ot_decay_steps", type=int, default=None, help="Cosine decay length in D+G steps.")
-    p.add_argument("--gp_scale", type=float, default=0.25)
-    p.add_argument("--gp_eps", type=float, default=0.01)
-    p.add_argument("--gp_batch_ratio", type=float, default=0.25)
-    p.add_argument("--cp_scale", type=float, default=0.01)
+    p.add_argument("--gp_scale", type=float, default=0.25, help="Weight of the approximated R1/R2 penalty.")
+    p.add_argument("--gp_eps", type=float, default=0.01, help="Perturbation size of the approximated R1/R2.")
+    p.add_argument("--gp_batch_ratio", type=float, default=0.25, help="Fraction of the batch the R1/R2 penalty uses.")
+    p.add_argument("--cp_scale", type=float, default=0.01, help="Weight of the logit-centering penalty.")
     p.add_argument("--gp_full_precision", action=argparse.BooleanOptionalAction, default=True,
                    help="Under --mixed_precision, run the R1/R2 samples and their partners in fp32/TF32 "
                         "(bf16 rounding inflates the finite-difference penalty 3-5x; docs/method.md).")
     p.add_argument("--augment_p", type=float, default=0.0, help="Discriminator augmentation (0.4 in the guided phase).")
-    p.add_argument("--grad_norm", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--grad_norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="Gradient normalization of the generator's adversarial gradient (docs/method.md).")
     p.add_argument("--classifier", default=None, help="An AdversarialFlowClassifier folder for guided training.")
     p.add_argument("--cg_scale", type=float, default=None, help="Guidance weight: 0.003 (1 NFE) or 0.02.")
     p.add_argument("--cg_max_time", type=float, default=None,
@@ -142,30 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoreload_steps", type=int, default=None,
                    help="Every K steps reset the generator to its EMA and the discriminator to the --init_from one.")
     # Optimisation
-    p.add_argument("--learning_rate", type=float, default=None)
+    p.add_argument("--learning_rate", type=float, default=None, help="The generator's AdamW lr (1e-4; digits 3e-4).")
     p.add_argument("--discriminator_learning_rate", type=float, default=None, help="Default: --learning_rate.")
-    p.add_argument("--adam_beta1", type=float, default=0.0)
-    p.add_argument("--adam_beta2", type=float, default=0.9)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--adam_weight_decay", type=float, default=0.01)
+    p.add_argument("--adam_beta1", type=float, default=0.0, help="AdamW beta1 of both networks.")
+    p.add_argument("--adam_beta2", type=float, default=0.9, help="AdamW beta2 of both networks.")
+    p.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    p.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
     p.add_argument("--max_grad_norm", type=float, default=None, help="Default: 50 (1 NFE), 5 (multi-step, deep).")
-    p.add_argument("--ema_decay", type=float, default=None)
+    p.add_argument("--ema_decay", type=float, default=None, help="The generator EMA's decay (0.9999; digits 0.999).")
     p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="Decay min(ema_decay, (1+n)/(10+n)) as diffusers' EMAModel; on for the digits default.")
     # Batch, length, precision, outputs, checkpoints, --config and --dry_run
-    add_run_arguments(p, output_dir="afm-model")
+    add_run_arguments(p, output_dir="afm-model", tracker_project_name="train_afm")
     p.add_argument("--validation_steps", type=int, default=None, help="Sample grid of the EMA generator every N steps.")
-    p.add_argument("--num_validation_classes", type=int, default=10)
+    p.add_argument("--num_validation_classes", type=int, default=10, help="Rows of the sample grids (evenly spaced classes).")
     p.add_argument("--num_validation_images", type=int, default=8, help="Per class (one grid row per class).")
     p.add_argument("--eval_steps", type=int, default=None, help="FID/IS/precision/recall of the EMA generator every N steps.")
-    p.add_argument("--eval_num_samples", type=int, default=10000)
-    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--eval_num_samples", type=int, default=10000, help="Samples per evaluation.")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="Images per forward pass of an evaluation.")
     p.add_argument("--eval_reference", default=None, help="Reference .npz (ADM batch or mu/sigma) or image folder.")
     p.add_argument("--eval_feature_extractor", default="inception",
                    help="'inception' (torch-fidelity, the 'fid' extra) or a TorchScript feature network file.")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
-    p.add_argument("--hub_token", default=None)
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="Upload the final folder to the Hub; the repository is created (and the token checked) at the start.")
+    p.add_argument("--hub_model_id", default=None, help="The Hub repository. Default: the --output_dir folder's name.")
+    p.add_argument("--hub_private_repo", action="store_true", help="Create the --push_to_hub repository as private.")
+    p.add_argument("--hub_token", default=None, help="A Hub token. Default: the one `huggingface-cli login` stored.")
     p.add_argument("--standalone_hub_files", action="store_true",
                    help="Also write self-contained model and pipeline code into the output folder, so that "
                         "DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads it without diffusers-afm.")
@@ -213,11 +221,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             fail("autoreload_steps", "an integer >= 1")
         if args.init_from is None:
             fail("autoreload_steps", "a value only with --init_from (it resets the discriminator to that run's)")
-    for flag in ("model_config", "discriminator_config"):
-        check_model_spec(flag, getattr(args, flag))
-    if args.push_to_hub and not args.hub_model_id:
-        fail("hub_model_id", "a repository id when --push_to_hub is set")
+    patch_size = check_model_spec("model_config", args.model_config, default_trunk(args))
+    # The discriminator mirrors the generator unless --discriminator_config says otherwise.
+    discriminator_patch_size = check_model_spec("discriminator_config", args.discriminator_config,
+                                                {"patch_size": patch_size})
     if not args.dry_run:
+        for size in sorted({patch_size, discriminator_patch_size}):
+            check_model_input(args, size)
+        default_hub_model_id(args)
         # Inputs that an earlier phase writes: a dry run plans a chain of phases before they exist.
         check_input_paths(args)
     return args
@@ -248,8 +259,12 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- models
+def default_trunk(args) -> dict:
+    return DIGITS_MODEL if args.embedded_digits else preset_config("XL/2")
+
+
 def build_models(args, sample_size, in_channels, num_classes):
-    trunk = trunk_config(args.model_config, DIGITS_MODEL if args.embedded_digits else preset_config("XL/2"))
+    trunk = trunk_config(args.model_config, default_trunk(args))
     generator = AdversarialFlowTransformer2DModel(
         **trunk,
         sample_size=sample_size,
@@ -261,7 +276,7 @@ def build_models(args, sample_size, in_channels, num_classes):
         nfe=args.nfe,
     )
     discriminator = AdversarialFlowDiscriminator(
-        **trunk_config(args.discriminator_config, trunk),
+        **trunk_config(args.discriminator_config, trunk, "discriminator_config"),
         sample_size=sample_size,
         in_channels=in_channels,
         num_classes=num_classes,
@@ -369,9 +384,11 @@ def main(argv=None):
 
 def train(args: argparse.Namespace) -> str:
     accelerator = setup_accelerator(args)
+    hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
 
     # 1. Data (every label is checked against the model's classes before training starts) and the VAE
     data = load_training_data(**training_data_kwargs(args, accelerator))
+    resolve_train_steps(args, data.dataloader, accelerator.num_processes)
 
     # 2. Models (from a finished run with --init_from), EMA, gradient normalization
     generator, discriminator = build_models(args, data.sample_size, data.in_channels, data.num_classes)
@@ -440,7 +457,7 @@ def train(args: argparse.Namespace) -> str:
         logger.info(f"Resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint == "latest":
         logger.info("No checkpoint to resume from yet; starting a new run.")
-    init_trackers(accelerator, "train_afm", settings(args))
+    init_trackers(accelerator, args.tracker_project_name, settings(args))
     evaluation, metrics = None, None
     if args.eval_steps is not None:
         from diffusers_afm.evaluation import evaluate_pipeline, load_feature_extractor, load_reference
@@ -513,10 +530,9 @@ def train(args: argparse.Namespace) -> str:
         log_grid(accelerator, grid, global_step)
         logger.info(f"Saved the AFMPipeline to {args.output_dir}")
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
+            from huggingface_hub import upload_folder
 
-            repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+            upload_folder(repo_id=hub_repo_id, folder_path=args.output_dir, token=args.hub_token,
                           ignore_patterns=["checkpoint-*", ".*", f"{args.logging_dir}/*"],
                           commit_message=f"AFM training, step {global_step}")
     accelerator.end_training()

@@ -40,9 +40,11 @@ from training_cli import (
     add_run_arguments,
     apply_defaults,
     check_model_spec,
+    check_model_input,
     check_run_arguments,
     flag_error,
     init_trackers,
+    resolve_train_steps,
     resolved_settings,
     setup_accelerator,
     training_data_kwargs,
@@ -85,19 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(p)
     p.add_argument("--model_config", default=None,
                    help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file; default B/2 (digits: a small model).")
-    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in the backward pass: less memory, more time.")
     p.add_argument("--augment_p", type=float, default=0.8, help="Probability of the random affine augmentation.")
-    p.add_argument("--learning_rate", type=float, default=None)
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.95)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--learning_rate", type=float, default=None, help="AdamW lr (1e-4; digits 1e-3).")
+    p.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    p.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW beta2.")
+    p.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     p.add_argument("--adam_weight_decay", type=float, default=0.0, help="Not stated in docs/method.md; 0 as in DiT.")
     p.add_argument("--max_grad_norm", type=float, default=None, help="Clipping; off by default (not stated in docs/method.md).")
-    p.add_argument("--ema_decay", type=float, default=None)
-    p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--ema_decay", type=float, default=None, help="EMA decay (0.9995; digits 0.999).")
+    p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="Decay min(ema_decay, (1+n)/(10+n)) as diffusers' EMAModel; on for the digits default.")
     p.add_argument("--num_time_buckets", type=int, default=5, help="Accuracy is logged per equal-width bucket of t.")
     p.add_argument("--logging_steps", type=int, default=None, help="Steps over which each accuracy log is averaged.")
-    add_run_arguments(p, output_dir="afm-classifier")
+    add_run_arguments(p, output_dir="afm-classifier", tracker_project_name="train_afm_classifier")
     return p
 
 
@@ -106,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.embedded_digits = uses_embedded_digits(args)
     apply_defaults(args, DIGITS_DEFAULTS if args.embedded_digits else PAPER_DEFAULTS)
     check_run_arguments(args)
-    check_model_spec("model_config", args.model_config)
+    patch_size = check_model_spec("model_config", args.model_config, default_trunk(args))
     for flag in ("learning_rate", "adam_epsilon"):
         if getattr(args, flag) <= 0:
             raise flag_error(flag, getattr(args, flag), "a number > 0")
@@ -120,6 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             raise flag_error(flag, getattr(args, flag), "an integer >= 1")
     if not args.dry_run:
+        check_model_input(args, patch_size)
         if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
             raise flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
         if args.resume_from_checkpoint not in (None, "latest"):
@@ -129,6 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> dict:
     return resolved_settings(args, build_parser())
+
+
+def default_trunk(args) -> dict:
+    return DIGITS_MODEL if args.embedded_digits else preset_config("B/2")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -175,9 +184,10 @@ def train(args: argparse.Namespace) -> str:
 
     # 1. Data and the VAE (as the generator trainer reads them)
     data = load_training_data(**training_data_kwargs(args, accelerator))
+    resolve_train_steps(args, data.dataloader, accelerator.num_processes)
 
     # 2. The classifier, its optimizer and EMA
-    trunk = trunk_config(args.model_config, DIGITS_MODEL if args.embedded_digits else preset_config("B/2"))
+    trunk = trunk_config(args.model_config, default_trunk(args))
     classifier = AdversarialFlowClassifier(
         **trunk, sample_size=data.sample_size, in_channels=data.in_channels, num_classes=data.num_classes
     )
@@ -201,7 +211,7 @@ def train(args: argparse.Namespace) -> str:
     if resume_path is not None:
         global_step = checkpoints.load(resume_path)
         logger.info(f"Resumed from {resume_path} at step {global_step}")
-    init_trackers(accelerator, "train_afm_classifier", settings(args))
+    init_trackers(accelerator, args.tracker_project_name, settings(args))
 
     # 4. Train
     from tqdm.auto import tqdm

@@ -13,8 +13,11 @@ flag means, and a bad one is an error naming the file and the key.
 
 import argparse
 import difflib
+import importlib.util
+import inspect
 import json
 import logging
+import math
 import os
 import sys
 from typing import Callable, Dict, List, Optional
@@ -22,7 +25,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from diffusers_afm.data import DEFAULT_VAE, EMBEDDED_DIGITS, is_embedded_digits, read_cache_info
-from diffusers_afm.models.transformer_afm import AFM_PRESETS, preset_config
+from diffusers_afm.models.transformer_afm import AFM_PRESETS, AdversarialFlowTransformer2DModel, preset_config
+from diffusers_afm.utils import HelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +42,20 @@ def flag_error(flag: str, value, allowed: str) -> ValueError:
     return ValueError(f"`--{flag}` got {value!r}; allowed: {allowed}.")
 
 
+def did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=3)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
 # ----------------------------------------------------------------------------- the parser and config files
 class TrainingArgumentParser(argparse.ArgumentParser):
     """An `ArgumentParser` whose `parse_args` reads `--config FILE` first (command-line flags win)."""
 
     _config_context: Optional[str] = None
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)  # `--help` shows every default
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         # While a config value is parsed, a bad value is the config's error, not the command line's.
@@ -78,18 +91,20 @@ class TrainingArgumentParser(argparse.ArgumentParser):
         if not isinstance(config, dict):
             raise ValueError(f"`--config`: {path!r} must hold one JSON object of flag values.")
         defaults = self.defaults()
+        # Every long flag name, aliases too (`pretrained_model_name_or_path` is `init_from`), to its setting.
+        names = {option[2:]: action.dest for action in self._actions for option in action.option_strings
+                 if option.startswith("--") and action.dest in defaults}
         tokens = []
         for key, value in config.items():
             if key.startswith("_"):  # a comment
                 continue
             where = f"config {path!r}, key {key!r}"
-            if key not in defaults:
-                close = difflib.get_close_matches(key, list(defaults), n=3)
-                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ValueError(f"config {path!r}: unknown key {key!r}; keys are flag names without dashes.{hint}")
+            if key not in names:
+                raise ValueError(f"config {path!r}: unknown key {key!r}; keys are flag names without dashes."
+                                 f"{did_you_mean(key, defaults)}")
             if value is None:
                 # null means "not set", which only flags without a default value can be.
-                if defaults[key] is not None:
+                if defaults[names[key]] is not None:
                     raise ValueError(f"{where}: null is only allowed for flags that are unset by default; give a value.")
                 continue
             if isinstance(value, (dict, list)):
@@ -98,7 +113,7 @@ class TrainingArgumentParser(argparse.ArgumentParser):
                 if not isinstance(value, bool):
                     raise ValueError(f"{where}: expected true or false, got {value!r}.")
                 # `--no-KEY` exists for the switches that can be on by default (BooleanOptionalAction).
-                token = [f"--{key}"] if value else ([] if defaults[key] is False else [f"--no-{key}"])
+                token = [f"--{key}"] if value else ([] if defaults[names[key]] is False else [f"--no-{key}"])
             elif isinstance(value, bool):
                 raise ValueError(f"{where}: expected a value for `--{key}`, got {value!r}.")
             else:
@@ -161,37 +176,54 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """The data flags both trainers take (defaults: `None` ones are resolved per trainer)."""
     p.add_argument("--dataset_name", default=None,
                    help=f"Hub dataset or local imagefolder; none (or '{EMBEDDED_DIGITS}') = the embedded digits.")
-    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--dataset_config_name", default=None, help="The Hub dataset's configuration, if it has several.")
     p.add_argument("--train_data_dir", default=None, help="A local folder of images (imagefolder layout).")
-    p.add_argument("--cache_dir", default=None)
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--label_column", default="label", help="Integer class column; if absent, one class.")
+    p.add_argument("--cache_dir", default=None, help="The `datasets` cache folder.")
+    p.add_argument("--image_column", default="image", help="The dataset's image column; an error if it has none of that name.")
+    p.add_argument("--label_column", default=None,
+                   help="The integer class column; an error if the dataset lacks it. Unset: 'label' when the "
+                        "dataset has it, else one class (an unconditional model).")
     p.add_argument("--num_classes", type=int, default=None, help="Override the class count read off the data.")
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--max_train_samples", type=int, default=None,
+                   help="Train on this many images, a fixed random subset (by --seed), e.g. for quick runs.")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="Image side; with a VAE, its latent side (resolution / 8 for the SD-VAE) must be a multiple "
+                        "of the patch size. Default: 8 for the digits, 256 otherwise.")
+    p.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
+                   help="Center crops (the paper's); --no-center_crop for random crops.")
+    p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="Random horizontal flips. Default: on, off for the digits.")
+    p.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes (0: in the main one).")
     p.add_argument("--vae", default=None, help=f"Local folder or Hub id (default {DEFAULT_VAE}); 'none' = pixel space.")
     p.add_argument("--vae_scaling_factor", type=float, default=None, help="Default: the VAE's config (0.18215).")
     p.add_argument("--latent_cache", default=None,
                    help="A folder written by examples/cache_latents.py: train from it, without the VAE encoder.")
 
 
-def add_run_arguments(p: argparse.ArgumentParser, output_dir: str) -> None:
+def add_run_arguments(p: argparse.ArgumentParser, output_dir: str, tracker_project_name: str) -> None:
     """Batch, length, precision, outputs, checkpoints and the config file: the same in both trainers."""
-    p.add_argument("--train_batch_size", type=int, default=None, help="Per device.")
-    p.add_argument("--max_train_steps", type=int, default=None)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--lr_scheduler", default="constant")
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
-    p.add_argument("--allow_tf32", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default=output_dir)
-    p.add_argument("--logging_dir", default="logs")
-    p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
-    p.add_argument("--checkpointing_steps", type=int, default=None)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--train_batch_size", type=int, default=None, help="Per device. Default: 64 digits, 32 otherwise.")
+    p.add_argument("--max_train_steps", type=int, default=None,
+                   help="Optimizer steps; wins over --num_train_epochs. Default: the trainer's (digits or paper).")
+    p.add_argument("--num_train_epochs", type=int, default=None,
+                   help="Passes over the data; sets --max_train_steps from the epoch length when that is not given.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    p.add_argument("--lr_scheduler", default="constant", help="A diffusers.optimization scheduler name.")
+    p.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warm-up steps of --lr_scheduler.")
+    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="Autocast precision. Default: Accelerate's configuration.")
+    p.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the weights, the data order and the noise.")
+    p.add_argument("--output_dir", default=output_dir, help="Checkpoints, logs and the final model.")
+    p.add_argument("--logging_dir", default="logs", help="Tracker logs, inside --output_dir.")
+    p.add_argument("--report_to", default="tensorboard",
+                   help="tensorboard, wandb, all, or none; wandb and all need wandb installed.")
+    p.add_argument("--tracker_project_name", default=tracker_project_name,
+                   help="The project name given to the trackers (accelerator.init_trackers).")
+    p.add_argument("--checkpointing_steps", type=int, default=None,
+                   help="Save a resumable checkpoint every N steps (and at the end).")
+    p.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="Keep at most this many checkpoints (default: all).")
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
     p.add_argument("--config", default=None,
                    help="A JSON file of flag values (keys: flag names without dashes); command-line flags override it.")
@@ -201,14 +233,88 @@ def add_run_arguments(p: argparse.ArgumentParser, output_dir: str) -> None:
 
 def check_run_arguments(args: argparse.Namespace) -> None:
     """Value checks of the flags `add_data_arguments` and `add_run_arguments` define."""
-    for flag in ("resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                 "checkpointing_steps"):
+    for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, flag) < 1:
             raise flag_error(flag, getattr(args, flag), "an integer >= 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise flag_error("checkpoints_total_limit", args.checkpoints_total_limit, "an integer >= 1")
+    for flag in ("checkpoints_total_limit", "max_train_steps", "num_train_epochs", "max_train_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise flag_error(flag, getattr(args, flag), "an integer >= 1")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise flag_error("report_to", args.report_to, "tensorboard, wandb, all or none")
+    if args.report_to in ("wandb", "all") and not importable("wandb"):
+        raise flag_error("report_to", args.report_to,
+                         "tensorboard or none here: wandb is not installed (`pip install wandb` for wandb or all)")
+
+
+def hub_offline() -> bool:
+    """Whether `HF_HUB_OFFLINE` is set (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def importable(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: import blocked
+    return importlib.util.find_spec(module) is not None
+
+
+def check_model_input(args: argparse.Namespace, patch_size: int) -> None:
+    """The model's input side (latent side with a VAE) must be a whole number of patches; checked from
+    the flags and the VAE's config file alone, before any data or weights are read."""
+    if args.latent_cache is not None:
+        info = read_cache_info(args.latent_cache)
+        if info is None:
+            return  # check_input_paths names the missing cache
+        side, where = info["latent_shape"][-1], f"the latent side of --latent_cache {args.latent_cache}"
+    else:
+        factor = vae_downsampling(args.vae)
+        if args.resolution % factor:
+            raise flag_error("resolution", args.resolution, f"a multiple of {factor}, the VAE's downsampling")
+        side = args.resolution // factor
+        where = "the image side (pixel space)" if factor == 1 else f"the latent side {args.resolution} / {factor}"
+    if side % patch_size:
+        raise flag_error("resolution", args.resolution,
+                         f"a size whose model input side is a multiple of the patch size {patch_size}; "
+                         f"{where} is {side}")
+
+
+def vae_downsampling(vae: str) -> int:
+    """`--vae`'s spatial downsampling, read from its config.json (a folder, or the Hub cache): 2 per
+    encoder block but the last (8 for the SD-VAE). A Hub VAE that is not cached while offline is an error."""
+    if vae.lower() == "none":
+        return 1
+    path = None
+    for folder in (os.path.join(vae, "vae"), vae):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            path = os.path.join(folder, "config.json")
+            break
+    if path is None and not os.path.isdir(vae):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(vae, "config.json")
+        except ValueError:  # not a valid repository id
+            cached = None
+        if isinstance(cached, str):
+            path = cached
+        elif hub_offline():
+            raise flag_error("vae", vae, "a local VAE folder, one in the Hub cache, or 'none' for pixel space "
+                             "(HF_HUB_OFFLINE is set and this VAE is not in the local cache)")
+    if path is None:
+        if os.path.isdir(vae):
+            raise flag_error("vae", vae, "a folder with a VAE config.json (or a pipeline folder with vae/), or 'none'")
+        return 8  # not downloaded yet: the SD-VAE family's factor; the data loader checks the real one
+    with open(path) as f:
+        return 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+
+
+def resolve_train_steps(args: argparse.Namespace, dataloader, num_processes: int) -> None:
+    """`--num_train_epochs` -> `--max_train_steps` (as diffusers' trainers: a given max_train_steps wins)."""
+    if args.max_train_steps is None:
+        batches = math.ceil(len(dataloader) / num_processes)
+        args.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+        logger.info(f"--num_train_epochs {args.num_train_epochs}: {args.max_train_steps} steps")
 
 
 def uses_embedded_digits(args: argparse.Namespace) -> bool:
@@ -223,6 +329,8 @@ def apply_defaults(args: argparse.Namespace, defaults: Dict) -> None:
         args.vae = info["vae"] if args.vae is None else args.vae
         args.resolution = info["resolution"] if args.resolution is None else args.resolution
     for key, value in defaults.items():
+        if key == "max_train_steps" and args.num_train_epochs is not None:
+            continue  # set from the epoch length once the data is loaded (resolve_train_steps)
         if getattr(args, key) is None:
             setattr(args, key, value)
 
@@ -233,7 +341,8 @@ def training_data_kwargs(args: argparse.Namespace, accelerator) -> Dict:
     return dict(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir, cache_dir=args.cache_dir, image_column=args.image_column,
-        label_column=args.label_column, num_classes=args.num_classes, resolution=args.resolution,
+        label_column=args.label_column, num_classes=args.num_classes, max_train_samples=args.max_train_samples,
+        resolution=args.resolution,
         center_crop=args.center_crop, random_flip=args.random_flip, vae=args.vae,
         vae_scaling_factor=args.vae_scaling_factor, latent_cache=args.latent_cache,
         train_batch_size=args.train_batch_size, dataloader_num_workers=args.dataloader_num_workers, seed=args.seed,
@@ -243,20 +352,38 @@ def training_data_kwargs(args: argparse.Namespace, accelerator) -> Dict:
 
 
 # ----------------------------------------------------------------------------- model sizes
-def trunk_config(spec: Optional[str], fallback: Dict) -> Dict:
-    """A size name (`"B/2"`), a JSON file of trunk keys, or `fallback` when `spec` is None."""
+def trunk_config(spec: Optional[str], fallback: Dict, flag: str = "model_config") -> Dict:
+    """A size name (`"B/2"`), a JSON file of trunk keys, or `fallback` when `spec` is None.
+
+    A file's keys are checked: a typo (`"num_layer"`) is an error, not a silent default; keys a file
+    leaves out take the model class's defaults.
+    """
     if spec is None:
         return dict(fallback)
     if spec in AFM_PRESETS:
         return preset_config(spec)
+    if not os.path.isfile(spec):
+        raise flag_error(flag, spec, f"one of {', '.join(AFM_PRESETS)} or a JSON file")
     with open(spec) as f:
-        config = json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`--{flag}`: {spec!r} is not valid JSON: {err}.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`--{flag}`: {spec!r} must hold one JSON object of model config keys.")
+    for key in config:
+        if key not in TRUNK_KEYS and not key.startswith("_"):
+            raise ValueError(f"`--{flag}` {spec!r}: unknown key {key!r}; the keys are {', '.join(TRUNK_KEYS)} "
+                             f"(the data and the other flags set the rest).{did_you_mean(key, TRUNK_KEYS)}")
     return {k: v for k, v in config.items() if k in TRUNK_KEYS}
 
 
-def check_model_spec(flag: str, spec: Optional[str]) -> None:
-    if spec is not None and spec not in AFM_PRESETS and not os.path.isfile(spec):
-        raise flag_error(flag, spec, f"one of {', '.join(AFM_PRESETS)} or a JSON file")
+def check_model_spec(flag: str, spec: Optional[str], fallback: Dict) -> int:
+    """`trunk_config` at parse time (the size or file read and checked before anything is loaded);
+    returns the model's patch size."""
+    trunk = trunk_config(spec, fallback, flag)
+    default = inspect.signature(AdversarialFlowTransformer2DModel.__init__).parameters["patch_size"].default
+    return trunk.get("patch_size", default)
 
 
 # ----------------------------------------------------------------------------- accelerate
@@ -288,3 +415,24 @@ def init_trackers(accelerator, name: str, settings: Dict) -> None:
     if accelerator.is_main_process:
         config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in settings.items()}
         accelerator.init_trackers(name, config=config)
+
+
+# ----------------------------------------------------------------------------- the Hub
+def default_hub_model_id(args: argparse.Namespace) -> None:
+    """`--hub_model_id` defaults to the output folder's name, as in diffusers' trainers."""
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+    if args.push_to_hub and hub_offline():
+        raise flag_error("push_to_hub", True, "only with Hub access: HF_HUB_OFFLINE is set")
+
+
+def create_hub_repo(args: argparse.Namespace) -> str:
+    """Create (or find) the `--push_to_hub` repository at the start of a run, so that a bad token or
+    id fails now rather than after training. Returns the repository id."""
+    from huggingface_hub import create_repo
+
+    try:
+        return create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
+    except Exception as err:  # huggingface_hub raises HTTP, offline and validation errors
+        raise ValueError(f"`--push_to_hub`: cannot create the repository {args.hub_model_id!r} "
+                         f"(check --hub_model_id and --hub_token / `huggingface-cli login`): {err}") from None

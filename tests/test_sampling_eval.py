@@ -155,7 +155,7 @@ def test_sampling_one_vs_two_processes_and_resume(tmp_path, pipeline_dir, featur
         "import evaluate_afm, sample_afm\n"
         f"sample_afm.main(['--pipeline', {pipeline_dir!r}, '--output_dir', {str(tmp_path / 'split')!r},"
         " '--per_class', '6', '--batch_size', '4', '--num_writers', '2'])\n"
-        f"evaluate_afm.main(['--pipeline', {pipeline_dir!r}, '--num_samples', '18', '--sample_batch_size', '4',"
+        f"evaluate_afm.main(['--pipeline', {pipeline_dir!r}, '--num_samples', '18', '--batch_size', '4',"
         f" '--reference_folder', {str(reference)!r}, '--feature_extractor', {feature_net!r}, '--input_size', '16',"
         f" '--inception_splits', '2', '--output', {str(tmp_path / 'two.json')!r}])\n"
         "import cache_latents\n"

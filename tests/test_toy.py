@@ -163,7 +163,7 @@ def toy_threads():
 
 def test_short_toy_run_beats_its_starting_point(toy_threads):
     config = toy_afm.ToyConfig(
-        dataset="8gaussians", steps=200, batch_size=64, hidden_size=64, ema_decay=0.9, eval_samples=500
+        dataset="8gaussians", max_train_steps=200, train_batch_size=64, hidden_size=64, ema_decay=0.9, eval_samples=500
     )
     dataset = load_toy_dataset(config.dataset)
     before = toy_afm.evaluate(toy_afm.initial_map(config, dataset.dim), dataset, config)
@@ -174,7 +174,7 @@ def test_short_toy_run_beats_its_starting_point(toy_threads):
 
 
 def test_multi_step_afm_samples_along_the_grid(toy_threads):
-    config = toy_afm.ToyConfig(dataset="gmm1d", nfe=2, steps=20, batch_size=32, hidden_size=16, eval_samples=200)
+    config = toy_afm.ToyConfig(dataset="gmm1d", nfe=2, max_train_steps=20, train_batch_size=32, hidden_size=16, eval_samples=200)
     trained, record = toy_afm.run(config)
     assert trained.prediction_type == "velocity" and trained.model.use_t_src
     noise = torch.randn(50, 1, generator=seeded())
@@ -187,7 +187,7 @@ def test_multi_step_afm_samples_along_the_grid(toy_threads):
 def test_gan_is_afm_without_the_ot_term():
     assert toy_afm.ot_scale_schedule(toy_afm.ToyConfig(method="gan", ot_scale=0.4))(0) == 0.0
     assert toy_afm.ot_scale_schedule(toy_afm.ToyConfig(ot_scale=0.4))(10**6) == 0.4
-    decayed = toy_afm.ot_scale_schedule(toy_afm.ToyConfig(ot_scale=0.4, ot_scale_end=0.01, steps=100))
+    decayed = toy_afm.ot_scale_schedule(toy_afm.ToyConfig(ot_scale=0.4, ot_scale_end=0.01, max_train_steps=100))
     assert decayed(0) == pytest.approx(0.4) and decayed(200) == pytest.approx(0.01)
 
 

@@ -100,6 +100,10 @@ def distributed_state():
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The example scripts' `--help`: every flag's default shown, the description's layout kept."""
+
+
 class FlagValueError(ValueError, argparse.ArgumentTypeError):
     """A bad command-line value: a `ValueError` to Python callers, argparse's own message on the command line."""
 

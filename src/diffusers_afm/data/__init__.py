@@ -3,9 +3,11 @@
 names of converted ImageNet checkpoints)."""
 
 from .images import (
+    DEFAULT_LABEL_COLUMN,
     DIGITS_NAMES,
     EMBEDDED_DIGITS,
     ImageTransform,
+    check_columns,
     class_names,
     collate,
     digits_dataset,
@@ -37,6 +39,7 @@ from .latent_cache import (
 from .training_data import DEFAULT_VAE, TrainingData, load_training_data, load_vae, vae_scale_factor
 
 __all__ = [
+    "DEFAULT_LABEL_COLUMN",
     "DEFAULT_VAE",
     "DIGITS_NAMES",
     "EMBEDDED_DIGITS",
@@ -47,6 +50,7 @@ __all__ = [
     "TrainingData",
     "cache_shards",
     "cached_latents",
+    "check_columns",
     "class_names",
     "collate",
     "collate_latents",

@@ -6,6 +6,7 @@ Random horizontal flips are applied later, on the batch, with the trainer's own 
 so that a resumed run sees exactly the flips of an uninterrupted one.
 """
 
+import difflib
 import io
 import logging
 import os
@@ -80,6 +81,29 @@ def load_image_dataset(
     return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
 
 
+# The label column read when none is named: used if the dataset has it, else the model is unconditional.
+DEFAULT_LABEL_COLUMN = "label"
+
+
+def _missing_column(flag: str, column: str, dataset) -> ValueError:
+    close = difflib.get_close_matches(column, dataset.column_names, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(f"`--{flag}` {column!r} is not a column; the dataset has {dataset.column_names}.{hint}")
+
+
+def check_columns(dataset, image_column: str, label_column: Optional[str]) -> Optional[str]:
+    """The label column to read: `label_column` itself (an error if the dataset lacks it), or, when
+    None, `"label"` if the dataset has that column, else None (one class). A missing image column
+    is an error too; both name the columns the dataset has and the close matches."""
+    if image_column not in dataset.column_names:
+        raise _missing_column("image_column", image_column, dataset)
+    if label_column is None:
+        return DEFAULT_LABEL_COLUMN if DEFAULT_LABEL_COLUMN in dataset.column_names else None
+    if label_column not in dataset.column_names:
+        raise _missing_column("label_column", label_column, dataset)
+    return label_column
+
+
 def class_names(dataset, label_column: Optional[str]) -> Optional[List[str]]:
     """Names of a `ClassLabel` column, or None when labels are plain integers (or absent)."""
     import datasets
@@ -93,10 +117,12 @@ def class_names(dataset, label_column: Optional[str]) -> Optional[List[str]]:
 def infer_num_classes(dataset, label_column: Optional[str], num_classes: Optional[int] = None) -> int:
     """The model's class count; checks every label against it before any training starts.
 
-    A dataset without the label column trains an unconditional model (one class).
+    `label_column=None` trains an unconditional model (one class); a named column must exist.
     """
-    if label_column is None or label_column not in dataset.column_names:
+    if label_column is None:
         return num_classes or 1
+    if label_column not in dataset.column_names:
+        raise _missing_column("label_column", label_column, dataset)
     names = class_names(dataset, label_column)
     labels = np.asarray(dataset[label_column])
     if labels.size == 0:
@@ -182,12 +208,12 @@ def prepare_dataset(dataset, image_column: str, label_column: Optional[str], tra
     import datasets
 
     if image_column not in dataset.column_names:
-        raise ValueError(f"`--image_column` {image_column!r} is not a column; the dataset has {dataset.column_names}.")
+        raise _missing_column("image_column", image_column, dataset)
+    if label_column is not None and label_column not in dataset.column_names:
+        raise _missing_column("label_column", label_column, dataset)
     if isinstance(dataset.features[image_column], datasets.Image):
         # Decode ourselves, so that one broken file is skipped instead of stopping training.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    if label_column is not None and label_column not in dataset.column_names:
-        label_column = None
     return dataset.with_transform(make_preprocess(image_column, label_column, transform))
 
 

@@ -13,6 +13,7 @@ import torch
 
 from .images import (
     ImageTransform,
+    check_columns,
     class_names,
     collate,
     infer_num_classes,
@@ -91,6 +92,14 @@ def _dataloader(dataset, collate_fn, train_batch_size: int, num_workers: int, se
     return loader
 
 
+def _subset(dataset, max_train_samples: Optional[int], seed: int):
+    """`max_train_samples` rows of a map-style dataset, a fixed random choice (kept in their order)."""
+    if max_train_samples is None or max_train_samples >= len(dataset):
+        return dataset
+    rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_train_samples]
+    return torch.utils.data.Subset(dataset, sorted(rows.tolist()))
+
+
 def load_training_data(
     *,
     resolution: int,
@@ -100,8 +109,9 @@ def load_training_data(
     train_data_dir: Optional[str] = None,
     cache_dir: Optional[str] = None,
     image_column: str = "image",
-    label_column: Optional[str] = "label",
+    label_column: Optional[str] = None,
     num_classes: Optional[int] = None,
+    max_train_samples: Optional[int] = None,
     center_crop: bool = True,
     random_flip: bool = True,
     vae: str = DEFAULT_VAE,
@@ -119,8 +129,10 @@ def load_training_data(
         train_batch_size: per process; the loader drops the last incomplete batch.
         dataset_name, dataset_config_name, train_data_dir, cache_dir: the images (`load_image_dataset`);
             neither a name nor a folder means the embedded digits, read as grey images.
-        image_column, label_column: the dataset's columns; without the label column, one class.
+        image_column, label_column: the dataset's columns, each an error if the dataset lacks it;
+            `label_column=None` reads `"label"` when the dataset has it, else trains one class.
         num_classes: the model's class count (default: read off the data or the cache).
+        max_train_samples: train on this many rows: a fixed random subset, drawn with `seed`.
         center_crop: center rather than random crops (`ImageTransform`).
         random_flip: flip each image horizontally with probability 0.5, drawn from the run's generator.
         vae: `load_vae`'s `name_or_path`; `"none"` trains in pixel space.
@@ -137,9 +149,10 @@ def load_training_data(
         vae_model = load_vae(vae, device, dtype)
         num_classes = num_classes or cache.num_classes
         cache.check_compatible(vae_model, resolution, num_classes)
+        rows = _subset(cache, max_train_samples, seed)
         return TrainingData(
-            dataset=cache,
-            dataloader=_dataloader(cache, collate_latents, train_batch_size, dataloader_num_workers, seed, "cache"),
+            dataset=rows,
+            dataloader=_dataloader(rows, collate_latents, train_batch_size, dataloader_num_workers, seed, "cache"),
             num_classes=num_classes,
             id2label=cache.id2label,
             vae=vae_model,
@@ -152,6 +165,9 @@ def load_training_data(
 
     # 2. From images, encoded on the fly
     dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
+    label_column = check_columns(dataset, image_column, label_column)
+    if max_train_samples is not None and max_train_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(max_train_samples)).flatten_indices()
     num_classes = infer_num_classes(dataset, label_column, num_classes)
     names = class_names(dataset, label_column)
     mode = "L" if is_embedded_digits(dataset_name, train_data_dir) else "RGB"
