@@ -32,29 +32,29 @@ from diffusers_afm.data import (
     prepare_dataset,
     write_latent_cache,
 )
-from diffusers_afm.utils import distributed_state
+from diffusers_afm.utils import HelpFormatter, distributed_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dataset_name", default=None, help="Hub dataset or local imagefolder.")
-    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--dataset_config_name", default=None, help="The Hub dataset's configuration, if it has several.")
     p.add_argument("--train_data_dir", default=None, help="A local folder of images (imagefolder layout).")
     p.add_argument("--cache_dir", default=None, help="The `datasets` cache.")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="The dataset split to encode.")
     p.add_argument("--image_column", default="image", help="The dataset's image column.")
     p.add_argument("--label_column", default=None,
                    help="The integer class column (an error if missing). Unset: 'label' if the dataset has it, else one class.")
-    p.add_argument("--num_classes", type=int, default=None)
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--num_classes", type=int, default=None, help="Override the class count read off the data.")
+    p.add_argument("--resolution", type=int, default=256, help="Image side (center crops), as the trainer's --resolution.")
     p.add_argument("--vae", default=DEFAULT_VAE, help="Local folder (or a pipeline folder with vae/) or Hub id.")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="The VAE's dtype, and the cache's.")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="The cache folder (train with --latent_cache).")
     p.add_argument("--shard_size", type=int, default=4096, help="Images per shard file.")
     p.add_argument("--batch_size", type=int, default=64, help="Images per VAE call (twice that with the flips).")
-    p.add_argument("--dataloader_num_workers", type=int, default=4)
+    p.add_argument("--dataloader_num_workers", type=int, default=4, help="DataLoader worker processes.")
     p.add_argument("--max_shards", type=int, default=None, help="Stop after this process has written this many shards.")
     return p
 

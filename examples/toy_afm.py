@@ -363,7 +363,7 @@ def panel_title(method: str, metrics: Dict[str, float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     defaults = ToyConfig()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -389,7 +389,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eval_samples", type=int, default=None, help="default: 2000 (100000 in 1-D)")
     parser.add_argument("--output", default=None, help="write the config and metrics to this JSON file")
     parser.add_argument("--plot", default=None, help="save the figure of the learned map here")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -59,10 +59,10 @@ from training_cli import (
     add_run_arguments,
     apply_defaults,
     check_model_spec,
+    check_hub_arguments,
     check_model_input,
     check_run_arguments,
     create_hub_repo,
-    default_hub_model_id,
     flag_error,
     init_trackers,
     resolve_train_steps,
@@ -226,11 +226,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     discriminator_patch_size = check_model_spec("discriminator_config", args.discriminator_config,
                                                 {"patch_size": patch_size})
     if not args.dry_run:
+        # Inputs that an earlier phase writes, and the VAE's config (perhaps not downloaded yet):
+        # a dry run plans a chain of phases before they exist.
+        check_input_paths(args)
         for size in sorted({patch_size, discriminator_patch_size}):
             check_model_input(args, size)
-        default_hub_model_id(args)
-        # Inputs that an earlier phase writes: a dry run plans a chain of phases before they exist.
-        check_input_paths(args)
+    check_hub_arguments(args)
     return args
 
 

@@ -124,11 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             raise flag_error(flag, getattr(args, flag), "an integer >= 1")
     if not args.dry_run:
-        check_model_input(args, patch_size)
         if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
             raise flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
         if args.resume_from_checkpoint not in (None, "latest"):
             resolve_resume(args.output_dir, args.resume_from_checkpoint)
+        check_model_input(args, patch_size)
     return args
 
 

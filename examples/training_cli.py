@@ -263,6 +263,7 @@ def check_model_input(args: argparse.Namespace, patch_size: int) -> None:
     """The model's input side (latent side with a VAE) must be a whole number of patches; checked from
     the flags and the VAE's config file alone, before any data or weights are read."""
     if args.latent_cache is not None:
+        vae_downsampling(args.vae)  # the run still loads the VAE, for its decoder: is it there?
         info = read_cache_info(args.latent_cache)
         if info is None:
             return  # check_input_paths names the missing cache
@@ -418,11 +419,14 @@ def init_trackers(accelerator, name: str, settings: Dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the Hub
-def default_hub_model_id(args: argparse.Namespace) -> None:
-    """`--hub_model_id` defaults to the output folder's name, as in diffusers' trainers."""
-    if args.push_to_hub and not args.hub_model_id:
+def check_hub_arguments(args: argparse.Namespace) -> None:
+    """`--hub_model_id` defaults to the output folder's name, as in diffusers' trainers; pushing
+    while offline is an error now rather than after training."""
+    if not args.push_to_hub:
+        return
+    if not args.hub_model_id:
         args.hub_model_id = os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
-    if args.push_to_hub and hub_offline():
+    if not args.dry_run and hub_offline():
         raise flag_error("push_to_hub", True, "only with Hub access: HF_HUB_OFFLINE is set")
 
 

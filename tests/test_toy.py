@@ -197,3 +197,9 @@ def test_plot_writes_a_figure(tmp_path):
     toy_afm.plot_maps({"a": trajectory, "b": trajectory}, data, str(tmp_path / "map.png"))
     toy_afm.plot_maps({"a": trajectory[..., :1]}, data[:, :1], str(tmp_path / "map_1d.png"))
     assert (tmp_path / "map.png").stat().st_size > 0 and (tmp_path / "map_1d.png").stat().st_size > 0
+
+
+def test_command_line_uses_the_trainers_flag_names():
+    args = toy_afm.parse_args(["--learning_rate", "0.01", "--max_train_steps", "5", "--train_batch_size", "8"])
+    config = toy_afm.ToyConfig(**{k: v for k, v in vars(args).items() if k not in ("output", "plot")})
+    assert (config.learning_rate, config.max_train_steps, config.train_batch_size) == (0.01, 5, 8)

@@ -168,3 +168,155 @@ def test_compile_flag_trains_and_saves(tmp_path):
     pipe = AFMPipeline.from_pretrained(out)
     assert all("_orig_mod" not in k for k in pipe.transformer.state_dict())
     assert pipe(class_labels=[0], output_type="np").images.shape == (1, 8, 8, 1)
+
+
+# ----------------------------------------------------------------------------- strict flags (issue 12, part 2)
+@pytest.fixture
+def no_data(monkeypatch):
+    """Any data or model loading fails the test: the errors below must come before it."""
+    def fail(*args, **kwargs):
+        raise AssertionError("data was loaded")
+
+    monkeypatch.setattr(train_afm, "load_training_data", fail)
+    import train_afm_classifier
+
+    monkeypatch.setattr(train_afm_classifier, "load_training_data", fail)
+
+
+def _json(path, value):
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+@pytest.mark.parametrize("script", ["train_afm", "train_afm_classifier"])
+def test_a_typo_in_a_model_config_names_the_key(tmp_path, no_data, script):
+    bad = _json(tmp_path / "model.json", {"patch_size": 2, "num_layer": 2, "num_attention_heads": 2})
+    module = __import__(script)
+    with pytest.raises(ValueError, match=r"--model_config.*'num_layer'.*Did you mean 'num_layers'"):
+        module.main(["--output_dir", str(tmp_path / "run"), "--model_config", bad])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_in_a_discriminator_config_names_the_key(tmp_path, no_data):
+    bad = _json(tmp_path / "disc.json", {"num_attention_head": 2})
+    with pytest.raises(ValueError, match=r"--discriminator_config.*'num_attention_head'.*'num_attention_heads'"):
+        _train(tmp_path / "run", "--discriminator_config", bad)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--resolution", "9"], r"--resolution.* patch size 2; the image side \(pixel space\) is 9"),
+        (["--vae", "VAE", "--resolution", "10"], r"--resolution.*patch size 2; the latent side 10 / 2 is 5"),
+        (["--vae", "VAE", "--resolution", "9"], r"--resolution.*a multiple of 2, the VAE's downsampling"),
+        (["--vae", "no-such-user/no-such-vae"], r"--vae.*'none' for pixel space.*HF_HUB_OFFLINE"),
+        (["--push_to_hub"], r"--push_to_hub.*HF_HUB_OFFLINE"),
+        (["--report_to", "wandb"], r"--report_to.*wandb is not installed"),
+        (["--report_to", "all"], r"--report_to.*wandb is not installed"),
+        (["--max_train_samples", "0"], "--max_train_samples"),
+        (["--num_train_epochs", "0"], "--num_train_epochs"),
+    ],
+)
+def test_flag_errors_come_before_any_data_is_loaded(tmp_path, monkeypatch, no_data, tiny_vae_dir, flags, message):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed, whether or not it is
+    data = _image_folder(tmp_path / "data")
+    flags = [tiny_vae_dir if f == "VAE" else f for f in flags]
+    with pytest.raises(ValueError, match=message):
+        _train(tmp_path / "run", "--train_data_dir", str(data), "--vae", "none", *flags)
+    assert not (tmp_path / "run").exists()
+
+
+def test_push_to_hub_defaults_the_repo_and_creates_it_before_the_data(tmp_path, monkeypatch, no_data):
+    import huggingface_hub
+    import training_cli
+
+    monkeypatch.setattr(training_cli, "hub_offline", lambda: False)
+    calls = []
+
+    def create_repo(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        raise RuntimeError("401 Unauthorized")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    with pytest.raises(ValueError, match=r"--push_to_hub.*'my-run'.*--hub_token.*401 Unauthorized"):
+        _train(tmp_path / "my-run", "--push_to_hub", "--hub_private_repo", "--hub_token", "hf_x")
+    assert calls == [("my-run", {"exist_ok": True, "private": True, "token": "hf_x"})]
+    dry = train_afm.parse_args(["--output_dir", str(tmp_path / "other-run"), "--push_to_hub", "--dry_run"])
+    assert dry.hub_model_id == "other-run"
+
+
+def test_columns_the_dataset_lacks_are_errors(tmp_path):
+    from diffusers_afm.data import load_training_data
+
+    labelled = _image_folder(tmp_path / "labelled")
+    flat = _image_folder(tmp_path / "flat", labels=("all",))  # one folder: imagefolder gives no label column
+    common = dict(resolution=8, train_batch_size=4, vae="none")
+    with pytest.raises(ValueError, match=r"--label_column.*'lable'.*Did you mean 'label'"):
+        load_training_data(train_data_dir=str(labelled), label_column="lable", **common)
+    with pytest.raises(ValueError, match=r"--image_column.*'img'.*Did you mean 'image'"):
+        load_training_data(train_data_dir=str(labelled), image_column="img", **common)
+    # Unset: "label" when the dataset has it, else one class; named, it must exist.
+    assert load_training_data(train_data_dir=str(labelled), **common).num_classes == 2
+    assert load_training_data(train_data_dir=str(flat), **common).num_classes == 1
+    with pytest.raises(ValueError, match=r"--label_column.*'label' is not a column"):
+        load_training_data(train_data_dir=str(flat), label_column="label", **common)
+
+
+def test_max_train_samples_is_a_fixed_subset():
+    from diffusers_afm.data import load_training_data
+
+    def labels(seed):
+        data = load_training_data(resolution=8, train_batch_size=4, vae="none", max_train_samples=50, seed=seed)
+        return len(data.dataset), list(data.dataset["label"])
+
+    assert labels(0) == labels(0) and labels(0)[0] == 50 and labels(0) != labels(1)
+
+
+def test_diffusers_flag_names(tmp_path, capsys):
+
+    args = train_afm.parse_args(["--pretrained_model_name_or_path", "some-run", "--dry_run"])
+    assert args.init_from == "some-run"
+    config = _json(tmp_path / "c.json", {"pretrained_model_name_or_path": "other-run", "num_train_epochs": 2})
+    args = train_afm.parse_args(["--config", config, "--dry_run"])
+    assert args.init_from == "other-run" and args.num_train_epochs == 2 and args.max_train_steps is None
+    # As in diffusers' trainers, a given --max_train_steps wins over --num_train_epochs.
+    assert train_afm.parse_args(["--config", config, "--max_train_steps", "3", "--dry_run"]).max_train_steps == 3
+    # --dry_run's output stays a config that resolves the same.
+    train_afm.main(["--config", config, "--dry_run"])
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["max_train_steps"] is None and resolved["tracker_project_name"] == "train_afm"
+    again = train_afm.settings(train_afm.parse_args(["--config", _json(tmp_path / "r.json", resolved), "--dry_run"]))
+    assert again == resolved
+
+
+def test_epochs_set_the_steps_and_the_tracker_is_named(tmp_path):
+    out = tmp_path / "run"
+    # 64 images / batch 16 = 4 steps an epoch.
+    _train(out, "--max_train_samples", "64", "--num_train_epochs", "2", "--validation_steps", "100",
+           "--report_to", "tensorboard", "--tracker_project_name", "my-project")
+    assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["step"] == 8
+    assert "\"max_train_steps\": 8" in (out / "README.md").read_text()
+    assert (out / "logs" / "my-project").is_dir()
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    import cache_latents
+    import evaluate_afm
+    import sample_afm
+    import toy_afm
+    import train_afm_classifier
+
+    for module in (train_afm, train_afm_classifier, toy_afm, sample_afm, evaluate_afm, cache_latents):
+        parser = module.build_parser()
+        assert [a.dest for a in parser._actions if not (a.help or "").strip()] == [], module.__name__
+        assert "(default:" in parser.format_help(), module.__name__
+
+
+def test_sampling_and_evaluation_share_the_batch_size_name():
+    import evaluate_afm
+    import sample_afm
+
+    source = ["--pipeline", "p", "--reference_stats", "r.npz"]
+    assert evaluate_afm.build_parser().parse_args(source + ["--batch_size", "4"]).batch_size == 4
+    assert evaluate_afm.build_parser().parse_args(source + ["--sample_batch_size", "4"]).batch_size == 4  # deprecated
+    assert sample_afm.build_parser().parse_args(["--pipeline", "p", "--output_dir", "o", "--batch_size", "4"]).batch_size == 4
