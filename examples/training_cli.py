@@ -55,7 +55,14 @@ class TrainingArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)  # `--help` shows every default
+        self.flags: Dict[str, argparse.Action] = {}  # every long flag name (aliases too) -> its action
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        # Recorded from the Action that add_argument returns, so configs need no argparse internals.
+        action = super().add_argument(*args, **kwargs)
+        self.flags.update({option[2:]: action for option in action.option_strings if option.startswith("--")})
+        return action
 
     def error(self, message: str):
         # While a config value is parsed, a bad value is the config's error, not the command line's.
@@ -67,17 +74,6 @@ class TrainingArgumentParser(argparse.ArgumentParser):
         """Every setting's default, keyed by its name without dashes (steering flags left out)."""
         values = vars(super().parse_args([]))
         return {k: v for k, v in values.items() if k not in NOT_SETTINGS}
-
-    def _takes_no_value(self, key: str) -> bool:
-        """A switch (`--grad_norm`, `--gradient_checkpointing`) rather than a flag with a value."""
-        self._config_context = "probe"
-        try:
-            super().parse_known_args([f"--{key}"])
-            return True
-        except ValueError:
-            return False
-        finally:
-            self._config_context = None
 
     def config_arguments(self, path: str) -> List[str]:
         """The command-line tokens that a JSON config file stands for, each key checked on its own."""
@@ -92,8 +88,7 @@ class TrainingArgumentParser(argparse.ArgumentParser):
             raise ValueError(f"`--config`: {path!r} must hold one JSON object of flag values.")
         defaults = self.defaults()
         # Every long flag name, aliases too (`pretrained_model_name_or_path` is `init_from`), to its setting.
-        names = {option[2:]: action.dest for action in self._actions for option in action.option_strings
-                 if option.startswith("--") and action.dest in defaults}
+        names = {name: action.dest for name, action in self.flags.items() if action.dest in defaults}
         tokens = []
         for key, value in config.items():
             if key.startswith("_"):  # a comment
@@ -109,7 +104,7 @@ class TrainingArgumentParser(argparse.ArgumentParser):
                 continue
             if isinstance(value, (dict, list)):
                 raise ValueError(f"{where}: expected a single value, got {value!r}.")
-            if self._takes_no_value(key):
+            if self.flags[key].nargs == 0:  # a switch (`--grad_norm`), not a flag with a value
                 if not isinstance(value, bool):
                     raise ValueError(f"{where}: expected true or false, got {value!r}.")
                 # `--no-KEY` exists for the switches that can be on by default (BooleanOptionalAction).
