@@ -48,6 +48,18 @@ def did_you_mean(key: str, choices) -> str:
 
 
 # ----------------------------------------------------------------------------- the parser and config files
+def read_json_object(path: str, flag: str, what: str) -> Dict:
+    """The JSON object in `path` (given with `--flag`); a clear error when it is not one."""
+    with open(path) as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`--{flag}`: {path!r} is not valid JSON: {err}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"`--{flag}`: {path!r} must hold one JSON object of {what}.")
+    return value
+
+
 class TrainingArgumentParser(argparse.ArgumentParser):
     """An `ArgumentParser` whose `parse_args` reads `--config FILE` first (command-line flags win)."""
 
@@ -79,13 +91,7 @@ class TrainingArgumentParser(argparse.ArgumentParser):
         """The command-line tokens that a JSON config file stands for, each key checked on its own."""
         if not os.path.isfile(path):
             raise ValueError(f"`--config`: {path!r} is not a file.")
-        with open(path) as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"`--config`: {path!r} is not valid JSON: {err}.") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"`--config`: {path!r} must hold one JSON object of flag values.")
+        config = read_json_object(path, "config", "flag values")
         defaults = self.defaults()
         # Every long flag name, aliases too (`pretrained_model_name_or_path` is `init_from`), to its setting.
         names = {name: action.dest for name, action in self.flags.items() if action.dest in defaults}
@@ -360,13 +366,7 @@ def trunk_config(spec: Optional[str], fallback: Dict, flag: str = "model_config"
         return preset_config(spec)
     if not os.path.isfile(spec):
         raise flag_error(flag, spec, f"one of {', '.join(AFM_PRESETS)} or a JSON file")
-    with open(spec) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"`--{flag}`: {spec!r} is not valid JSON: {err}.") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"`--{flag}`: {spec!r} must hold one JSON object of model config keys.")
+    config = read_json_object(spec, flag, "model config keys")
     for key in config:
         if key not in TRUNK_KEYS and not key.startswith("_"):
             raise ValueError(f"`--{flag}` {spec!r}: unknown key {key!r}; the keys are {', '.join(TRUNK_KEYS)} "
