@@ -55,6 +55,7 @@ from training_cli import (
     DIGITS_MODEL,
     TRUNK_KEYS,
     TrainingArgumentParser,
+    add_adamw_arguments,
     add_data_arguments,
     add_run_arguments,
     apply_defaults,
@@ -148,12 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoreload_steps", type=int, default=None,
                    help="Every K steps reset the generator to its EMA and the discriminator to the --init_from one.")
     # Optimisation
-    p.add_argument("--learning_rate", type=float, default=None, help="The generator's AdamW lr (1e-4; digits 3e-4).")
+    add_adamw_arguments(p, beta1=0.0, beta2=0.9, weight_decay=0.01, networks=" of both networks",
+                        learning_rate_help="The generator's AdamW lr (1e-4; digits 3e-4).")
     p.add_argument("--discriminator_learning_rate", type=float, default=None, help="Default: --learning_rate.")
-    p.add_argument("--adam_beta1", type=float, default=0.0, help="AdamW beta1 of both networks.")
-    p.add_argument("--adam_beta2", type=float, default=0.9, help="AdamW beta2 of both networks.")
-    p.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    p.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
     p.add_argument("--max_grad_norm", type=float, default=None, help="Default: 50 (1 NFE), 5 (multi-step, deep).")
     p.add_argument("--ema_decay", type=float, default=None, help="The generator EMA's decay (0.9999; digits 0.999).")
     p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,

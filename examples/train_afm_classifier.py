@@ -36,6 +36,7 @@ from diffusers_afm.utils import atomic_file, save_pretrained_into
 from training_cli import (
     DIGITS_MODEL,
     TrainingArgumentParser,
+    add_adamw_arguments,
     add_data_arguments,
     add_run_arguments,
     apply_defaults,
@@ -90,11 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations in the backward pass: less memory, more time.")
     p.add_argument("--augment_p", type=float, default=0.8, help="Probability of the random affine augmentation.")
-    p.add_argument("--learning_rate", type=float, default=None, help="AdamW lr (1e-4; digits 1e-3).")
-    p.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    p.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW beta2.")
-    p.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    p.add_argument("--adam_weight_decay", type=float, default=0.0, help="Not stated in docs/method.md; 0 as in DiT.")
+    # Weight decay: not stated in docs/method.md; 0 as in DiT.
+    add_adamw_arguments(p, beta1=0.9, beta2=0.95, weight_decay=0.0, learning_rate_help="AdamW lr (1e-4; digits 1e-3).")
     p.add_argument("--max_grad_norm", type=float, default=None, help="Clipping; off by default (not stated in docs/method.md).")
     p.add_argument("--ema_decay", type=float, default=None, help="EMA decay (0.9995; digits 0.999).")
     p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,

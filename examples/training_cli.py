@@ -232,6 +232,16 @@ def add_run_arguments(p: argparse.ArgumentParser, output_dir: str, tracker_proje
                    help="Print the resolved settings as one JSON object and exit before loading any data.")
 
 
+def add_adamw_arguments(p: argparse.ArgumentParser, beta1: float, beta2: float, weight_decay: float,
+                        learning_rate_help: str, networks: str = "") -> None:
+    """The AdamW flags; the trainers differ only in their defaults (the paper's for each network)."""
+    p.add_argument("--learning_rate", type=float, default=None, help=learning_rate_help)
+    p.add_argument("--adam_beta1", type=float, default=beta1, help=f"AdamW beta1{networks}.")
+    p.add_argument("--adam_beta2", type=float, default=beta2, help=f"AdamW beta2{networks}.")
+    p.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    p.add_argument("--adam_weight_decay", type=float, default=weight_decay, help="AdamW weight decay.")
+
+
 def check_run_arguments(args: argparse.Namespace) -> None:
     """Value checks of the flags `add_data_arguments` and `add_run_arguments` define."""
     for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
