@@ -70,8 +70,10 @@ from training_cli import (
     resolved_settings,
     setup_accelerator,
     training_data_kwargs,
+    model_summary,
+    planned_model_inputs,
+    resolve_data_defaults,
     trunk_config,
-    uses_embedded_digits,
 )
 import training_cli
 
@@ -115,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = TrainingArgumentParser(description="Train an Adversarial Flow Model.")
     add_data_arguments(p)
     # Model
-    p.add_argument("--model_config", default=None, help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file.")
+    p.add_argument("--model_config", default=None,
+                   help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file. Default: XL/2; the digits and "
+                        "--defaults small: a model sized to the data (--dry_run prints it).")
     p.add_argument("--discriminator_config", default=None, help="Same forms; default mirrors the generator.")
     p.add_argument("--nfe", type=parse_nfe, default=1, help="1, 2, 4, ... or 'any'.")
     p.add_argument("--prediction_type", choices=("sample", "velocity"), default=None,
@@ -181,10 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse (config file, then command line) and check every flag before any data or model is loaded."""
     args = build_parser().parse_args(argv)
-    args.embedded_digits = uses_embedded_digits(args)
-    # The data's defaults, then what --nfe, --depth_repeat and --classifier imply (training/recipe.py).
+    # The data's defaults (--defaults: the digits', sized to a small data set, or the paper's), then
+    # what --nfe, --depth_repeat and --classifier imply (training/recipe.py).
+    data_defaults = resolve_data_defaults(args, digits=(DIGITS_DEFAULTS, DIGITS_MODEL),
+                                          paper=(PAPER_DEFAULTS, preset_config("XL/2")))
     implied = recipe.recipe_defaults(args.nfe, args.depth_repeat, guided=args.classifier is not None)
-    apply_defaults(args, {**(DIGITS_DEFAULTS if args.embedded_digits else PAPER_DEFAULTS), **implied})
+    apply_defaults(args, {**data_defaults, **implied})
     if args.discriminator_learning_rate is None:
         args.discriminator_learning_rate = args.learning_rate
 
@@ -219,7 +225,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             fail("autoreload_steps", "an integer >= 1")
         if args.init_from is None:
             fail("autoreload_steps", "a value only with --init_from (it resets the discriminator to that run's)")
-    patch_size = check_model_spec("model_config", args.model_config, default_trunk(args))
+    patch_size = check_model_spec("model_config", args.model_config, args.default_trunk)
     # The discriminator mirrors the generator unless --discriminator_config says otherwise.
     discriminator_patch_size = check_model_spec("discriminator_config", args.discriminator_config,
                                                 {"patch_size": patch_size})
@@ -253,17 +259,22 @@ def check_input_paths(args: argparse.Namespace) -> None:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    """The resolved flags as one JSON-ready dict (what --dry_run prints and the model card records)."""
-    return resolved_settings(args, build_parser())
+    """The resolved flags as one JSON-ready dict (what --dry_run prints and the model card records),
+    with `_model`: the networks this run builds, their configs and parameter counts (a `_` key is a
+    comment in a config file, so the dict stays a valid `--config`)."""
+    planned = planned_model_inputs(args)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        generator, discriminator = build_models(args, planned["sample_size"], planned["in_channels"],
+                                                planned["num_classes"])
+    model = model_summary(generator=generator, discriminator=discriminator)
+    if planned["assumed"]:
+        model["assumed"] = planned["assumed"]
+    return {**resolved_settings(args, build_parser()), "_model": model}
 
 
 # ----------------------------------------------------------------------------- models
-def default_trunk(args) -> dict:
-    return DIGITS_MODEL if args.embedded_digits else preset_config("XL/2")
-
-
 def build_models(args, sample_size, in_channels, num_classes):
-    trunk = trunk_config(args.model_config, default_trunk(args))
+    trunk = trunk_config(args.model_config, args.default_trunk)
     generator = AdversarialFlowTransformer2DModel(
         **trunk,
         sample_size=sample_size,

@@ -45,12 +45,14 @@ from training_cli import (
     check_run_arguments,
     flag_error,
     init_trackers,
+    model_summary,
+    planned_model_inputs,
+    resolve_data_defaults,
     resolve_train_steps,
     resolved_settings,
     setup_accelerator,
     training_data_kwargs,
     trunk_config,
-    uses_embedded_digits,
 )
 import training_cli
 
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = TrainingArgumentParser(description="Train the noisy-input classifier for AFM classifier guidance.")
     add_data_arguments(p)
     p.add_argument("--model_config", default=None,
-                   help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file; default B/2 (digits: a small model).")
+                   help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file; default B/2 (digits and --defaults small: a small model).")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations in the backward pass: less memory, more time.")
     p.add_argument("--augment_p", type=float, default=0.8, help="Probability of the random affine augmentation.")
@@ -105,10 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    args.embedded_digits = uses_embedded_digits(args)
-    apply_defaults(args, DIGITS_DEFAULTS if args.embedded_digits else PAPER_DEFAULTS)
+    # A small data set keeps the digits' schedule, with a model sized to its images (--defaults).
+    small_schedule = {k: v for k, v in DIGITS_DEFAULTS.items() if k not in ("resolution", "vae", "random_flip")}
+    apply_defaults(args, resolve_data_defaults(args, digits=(DIGITS_DEFAULTS, DIGITS_MODEL),
+                                               paper=(PAPER_DEFAULTS, preset_config("B/2")),
+                                               small_schedule=small_schedule))
     check_run_arguments(args)
-    patch_size = check_model_spec("model_config", args.model_config, default_trunk(args))
+    patch_size = check_model_spec("model_config", args.model_config, args.default_trunk)
     for flag in ("learning_rate", "adam_epsilon"):
         if getattr(args, flag) <= 0:
             raise flag_error(flag, getattr(args, flag), "a number > 0")
@@ -131,11 +136,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    return resolved_settings(args, build_parser())
+    """The resolved flags (what --dry_run prints), with `_model`: the classifier this run builds."""
+    planned = planned_model_inputs(args)
+    with torch.device("meta"):  # shapes only
+        classifier = build_classifier(args, planned["sample_size"], planned["in_channels"], planned["num_classes"])
+    model = model_summary(classifier=classifier)
+    if planned["assumed"]:
+        model["assumed"] = planned["assumed"]
+    return {**resolved_settings(args, build_parser()), "_model": model}
 
 
-def default_trunk(args) -> dict:
-    return DIGITS_MODEL if args.embedded_digits else preset_config("B/2")
+def build_classifier(args, sample_size, in_channels, num_classes):
+    return AdversarialFlowClassifier(**trunk_config(args.model_config, args.default_trunk),
+                                     sample_size=sample_size, in_channels=in_channels, num_classes=num_classes)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -185,10 +198,7 @@ def train(args: argparse.Namespace) -> str:
     resolve_train_steps(args, data.dataloader, accelerator.num_processes)
 
     # 2. The classifier, its optimizer and EMA
-    trunk = trunk_config(args.model_config, default_trunk(args))
-    classifier = AdversarialFlowClassifier(
-        **trunk, sample_size=data.sample_size, in_channels=data.in_channels, num_classes=data.num_classes
-    )
+    classifier = build_classifier(args, data.sample_size, data.in_channels, data.num_classes)
     if args.gradient_checkpointing:
         classifier.enable_gradient_checkpointing()
     logger.info(f"classifier {classifier.num_parameters() / 1e6:.2f}M parameters, {data.num_classes} classes")

@@ -24,8 +24,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from diffusers_afm.data import DEFAULT_VAE, EMBEDDED_DIGITS, is_embedded_digits, read_cache_info
+from diffusers_afm.data import DEFAULT_VAE, EMBEDDED_DIGITS, count_local_images, is_embedded_digits, read_cache_info
 from diffusers_afm.models.transformer_afm import AFM_PRESETS, AdversarialFlowTransformer2DModel, preset_config
+from diffusers_afm.training import recipe
 from diffusers_afm.utils import HelpFormatter
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 # Trunk keys a model JSON (`--model_config FILE`) may set; the data and the AFM flags decide the rest.
 TRUNK_KEYS = ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim", "mlp_ratio")
 # The trunk of the embedded digits default: small enough to train on a CPU in minutes.
-DIGITS_MODEL = dict(patch_size=2, num_layers=4, num_attention_heads=4, attention_head_dim=32, mlp_ratio=4.0)
+DIGITS_MODEL = dict(recipe.TINY_TRUNK, patch_size=2)
+DEFAULTS_CHOICES = ("auto", "digits", "small", "paper")
 # Flags that steer the command rather than the run: never read from a config, never printed.
 NOT_SETTINGS = ("config", "dry_run", "hub_token")
 
@@ -189,21 +191,29 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="Train on this many images, a fixed random subset (by --seed), e.g. for quick runs.")
     p.add_argument("--resolution", type=int, default=None,
                    help="Image side; with a VAE, its latent side (resolution / 8 for the SD-VAE) must be a multiple "
-                        "of the patch size. Default: 8 for the digits, 256 otherwise.")
+                        "of the patch size. Default: 8 for the digits, 32 for --defaults small, 256 otherwise.")
     p.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
                    help="Center crops (the paper's); --no-center_crop for random crops.")
     p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="Random horizontal flips. Default: on, off for the digits.")
+                   help="Random horizontal flips. Default: on, off for the digits (turn them off for any data a mirror changes).")
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes (0: in the main one).")
-    p.add_argument("--vae", default=None, help=f"Local folder or Hub id (default {DEFAULT_VAE}); 'none' = pixel space.")
+    p.add_argument("--vae", default=None, help=f"Local folder or Hub id (default {DEFAULT_VAE}; for --defaults small 'none' up to "
+                        f"{recipe.SMALL_DATA_PIXEL_MAX_RESOLUTION} px); 'none' = pixel space.")
     p.add_argument("--vae_scaling_factor", type=float, default=None, help="Default: the VAE's config (0.18215).")
     p.add_argument("--latent_cache", default=None,
                    help="A folder written by examples/cache_latents.py: train from it, without the VAE encoder.")
+    p.add_argument("--defaults", choices=DEFAULTS_CHOICES, default="auto",
+                   help="Which defaults fill the flags you leave unset: 'digits' (the embedded digits), 'small' "
+                        "(a model and schedule sized to the data, for a few thousand images; "
+                        "docs/training_recipes.md, 'Your own images'), 'paper' (ImageNet 256, the paper's). "
+                        "'auto': digits for the embedded digits, small when the images counted in "
+                        f"--train_data_dir / --latent_cache / --max_train_samples are at most "
+                        f"{recipe.SMALL_DATA_MAX_IMAGES:,}, paper otherwise (a Hub dataset is not counted).")
 
 
 def add_run_arguments(p: argparse.ArgumentParser, output_dir: str, tracker_project_name: str) -> None:
     """Batch, length, precision, outputs, checkpoints and the config file: the same in both trainers."""
-    p.add_argument("--train_batch_size", type=int, default=None, help="Per device. Default: 64 digits, 32 otherwise.")
+    p.add_argument("--train_batch_size", type=int, default=None, help="Per device. Default: 64 (digits, small data), 32 otherwise.")
     p.add_argument("--max_train_steps", type=int, default=None,
                    help="Optimizer steps; wins over --num_train_epochs. Default: the trainer's (digits or paper).")
     p.add_argument("--num_train_epochs", type=int, default=None,
@@ -331,6 +341,104 @@ def resolve_train_steps(args: argparse.Namespace, dataloader, num_processes: int
 
 def uses_embedded_digits(args: argparse.Namespace) -> bool:
     return args.latent_cache is None and is_embedded_digits(args.dataset_name, args.train_data_dir)
+
+
+def count_training_images(args: argparse.Namespace) -> Optional[int]:
+    """The number of images the run will train on, known before loading anything: counted in a local
+    folder or read from the latent cache, capped by `--max_train_samples`; None for a Hub dataset."""
+    count = None
+    folder = args.train_data_dir or (args.dataset_name if args.dataset_name and os.path.isdir(args.dataset_name) else None)
+    if args.latent_cache is not None:
+        info = read_cache_info(args.latent_cache)
+        count = info["num_images"] if info is not None else None
+    elif folder is not None and os.path.isdir(folder):
+        count = count_local_images(folder)[0]
+    if args.max_train_samples is not None:
+        count = args.max_train_samples if count is None else min(count, args.max_train_samples)
+    return count
+
+
+def resolve_data_defaults(args: argparse.Namespace, digits, paper, small_schedule: Optional[Dict] = None) -> Dict:
+    """Resolve `--defaults` (`auto` becomes the choice it makes, so `--dry_run` shows it) and return
+    the flag defaults of that choice; `args.default_trunk` is set to its model trunk.
+
+    `digits` and `paper` are `(flag defaults, trunk)` pairs of the trainer. `small` sizes the run to
+    the data (`recipe.small_data_recipe`): the resolution (32), pixel space up to 64 px, the patch size
+    from the model's input side, the trunk and schedule from the image count. `small_schedule`
+    replaces the recipe's schedule (the classifier trainer has its own).
+    """
+    count = count_training_images(args)
+    if args.defaults == "auto":
+        if uses_embedded_digits(args):
+            args.defaults = "digits"
+        elif count is not None and count <= recipe.SMALL_DATA_MAX_IMAGES:
+            args.defaults = "small"
+        else:
+            args.defaults = "paper"
+    if args.defaults in ("digits", "paper"):
+        defaults, args.default_trunk = digits if args.defaults == "digits" else paper
+        return dict(defaults)
+    info = read_cache_info(args.latent_cache) if args.latent_cache is not None else None
+    resolution = args.resolution or (info["resolution"] if info else recipe.SMALL_DATA_RESOLUTION)
+    vae = args.vae or (info["vae"] if info else
+                       "none" if resolution <= recipe.SMALL_DATA_PIXEL_MAX_RESOLUTION else DEFAULT_VAE)
+    if info is not None:
+        side = info["latent_shape"][-1]
+    else:
+        try:
+            side = resolution // vae_downsampling(vae)
+        except ValueError:  # a VAE not at hand: check_model_input says so when the run starts
+            side = resolution // 8
+    small = recipe.small_data_recipe(count, max(side, 1))
+    args.default_trunk = small["trunk"]
+    schedule = small["defaults"] if small_schedule is None else small_schedule
+    return {**schedule, "resolution": resolution, "vae": vae, "random_flip": True}
+
+
+def planned_model_inputs(args: argparse.Namespace) -> Dict:
+    """The model's `sample_size`, `in_channels` and `num_classes` as far as the flags tell before the
+    data is read (what `--dry_run` builds its summary from); `assumed` lists the guesses."""
+    assumed = []
+    info = read_cache_info(args.latent_cache) if args.latent_cache is not None else None
+    if info is not None:
+        channels, side = info["latent_shape"][0], info["latent_shape"][-1]
+    elif args.vae.lower() == "none":
+        channels, side = (1 if uses_embedded_digits(args) else 3), args.resolution
+    else:
+        try:
+            side = args.resolution // vae_downsampling(args.vae)
+            channels = 4
+            for folder in (os.path.join(args.vae, "vae"), args.vae):
+                config = os.path.join(folder, "config.json")
+                if os.path.isfile(config):
+                    with open(config) as f:
+                        channels = json.load(f).get("latent_channels", 4)
+                    break
+        except ValueError:
+            side, channels = args.resolution // 8, 4
+            assumed.append("the VAE's downsampling (8) and latent channels (4)")
+    num_classes = args.num_classes
+    if num_classes is None:
+        folder = args.train_data_dir or (args.dataset_name if args.dataset_name and os.path.isdir(args.dataset_name) else None)
+        if info is not None:
+            num_classes = info["num_classes"]
+        elif uses_embedded_digits(args):
+            num_classes = 10
+        elif folder is not None and os.path.isdir(folder):
+            num_classes = count_local_images(folder)[1]
+        else:
+            num_classes = 1000
+            assumed.append("1000 classes (a Hub dataset's labels are read when it loads)")
+    return dict(sample_size=side, in_channels=channels, num_classes=num_classes, assumed=assumed)
+
+
+def model_summary(**models: torch.nn.Module) -> Dict:
+    """Each model's class, config and parameter count, as `--dry_run` prints them."""
+    summary = {}
+    for name, model in models.items():
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        summary[name] = {"class": type(model).__name__, "parameters": model.num_parameters(), "config": config}
+    return summary
 
 
 def apply_defaults(args: argparse.Namespace, defaults: Dict) -> None:

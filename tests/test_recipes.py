@@ -239,3 +239,99 @@ def test_classifier_trainer_bad_flags(tmp_path):
     with pytest.raises(ValueError, match="--model_config"):
         _train_classifier(tmp_path / "run", "--model_config", "Huge/2")
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- small data sets (--defaults)
+def _folder(root, classes=("cat", "dog"), per_class=6, size=40):
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            PIL.Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    (root / "cat" / "notes.txt").write_text("not an image: not counted")
+    return root
+
+
+def test_small_data_recipe_sizes_patches_and_tiers():
+    from diffusers_afm.training import recipe
+
+    sides = (4, 8, 12, 16, 24, 32, 64, 128)
+    assert [recipe.small_data_patch_size(s) for s in sides] == [1, 2, 3, 4, 3, 4, 8, 16]
+    for side in sides:  # a whole 4x4 (up to 16 a side) or 8x8 grid
+        assert (side // recipe.small_data_patch_size(side)) in (4, 8)
+    tiny, larger, unknown = (recipe.small_data_recipe(n, 32) for n in (1347, 50_000, None))
+    assert tiny["trunk"] == dict(recipe.TINY_TRUNK, patch_size=4) and tiny["defaults"]["max_train_steps"] == 1500
+    assert larger["trunk"] == dict(recipe.SMALL_TRUNK, patch_size=4) and larger["defaults"]["max_train_steps"] == 20_000
+    assert unknown == larger  # a count the caller cannot give gets the larger model, not the tiny one
+    assert tiny["defaults"]["ot_decay_steps"] == 2 * tiny["defaults"]["max_train_steps"]
+
+
+@pytest.mark.parametrize("script", [train_afm, train_afm_classifier])
+def test_a_small_folder_gets_a_model_and_schedule_sized_to_it(tmp_path, capsys, script):
+    from diffusers_afm import AdversarialFlowTransformer2DModel
+    from diffusers_afm.data import count_local_images
+
+    data = _folder(tmp_path / "data")
+    assert count_local_images(str(data)) == (12, 2)
+    s = _dry_run(capsys, script, "--train_data_dir", str(data))
+    assert (s["defaults"], s["resolution"], s["vae"], s["random_flip"], s["model_config"]) == ("small", 32, "none", True, None)
+    name = "generator" if script is train_afm else "classifier"
+    model = s["_model"][name]
+    assert model["config"]["patch_size"] == 4 and model["config"]["num_layers"] == 4  # 32 px / 4: an 8x8 grid
+    assert (model["config"]["sample_size"], model["config"]["in_channels"], model["config"]["num_classes"]) == (32, 3, 2)
+    if script is train_afm:
+        assert s["max_train_steps"] == 1500 and s["learning_rate"] == 3e-4
+        assert model["parameters"] == AdversarialFlowTransformer2DModel(**model["config"]).num_parameters()
+        assert s["_model"]["discriminator"]["config"]["patch_size"] == 4
+    # Flags given win over the data's defaults, and the patch follows the resolution.
+    e = _dry_run(capsys, script, "--train_data_dir", str(data), "--resolution", "16", "--max_train_steps", "7")
+    assert e["_model"][name]["config"]["patch_size"] == 4 and e["max_train_steps"] == 7
+    # --defaults paper forces the paper's model and data settings on the same folder.
+    p = _dry_run(capsys, script, "--train_data_dir", str(data), "--defaults", "paper")
+    assert (p["defaults"], p["resolution"], p["vae"]) == ("paper", 256, "stabilityai/sd-vae-ft-mse")
+    assert p["_model"][name]["config"]["num_layers"] == (28 if script is train_afm else 12)
+
+
+def test_small_data_choice_follows_the_count_and_round_trips_as_a_config(tmp_path, capsys):
+    hub = ["--dataset_name", "someone/a-hub-dataset"]  # never loaded by a dry run
+    assert _dry_run(capsys, train_afm, *hub)["defaults"] == "paper"  # not counted: the paper's
+    assert _dry_run(capsys, train_afm, *hub, "--max_train_samples", "500")["defaults"] == "small"
+    assert _dry_run(capsys, train_afm, *hub, "--max_train_samples", "100001")["defaults"] == "paper"
+    assert _dry_run(capsys, train_afm)["defaults"] == "digits"
+    first = _dry_run(capsys, train_afm, "--train_data_dir", str(_folder(tmp_path / "data")))
+    (tmp_path / "resolved.json").write_text(json.dumps(first))
+    assert _dry_run(capsys, train_afm, "--config", str(tmp_path / "resolved.json")) == first
+    with pytest.raises(SystemExit):
+        train_afm.parse_args(["--defaults", "smal"])
+    assert "invalid choice: 'smal'" in capsys.readouterr().err
+
+
+def test_color_digits_folder_trains_with_the_small_defaults(tmp_path):
+    """The documented recipe at toy length: the colour digits written as an image folder, the
+    trainer's defaults for it, and a pipeline that makes 16x16 colour images."""
+    import make_color_digits
+
+    from diffusers_afm.data import count_local_images
+
+    data = tmp_path / "color-digits"
+    assert make_color_digits.main(["--output_dir", str(data), "--split", "test"]) == 0
+    assert count_local_images(str(data)) == (450, 10)
+    images, labels = make_color_digits.color_digits("test", size=24)
+    assert images.shape == (450, 24, 24, 3) and sorted(set(labels.tolist())) == list(range(10))
+    strokes = images.reshape(len(images), -1, 3).max(axis=1)  # each image's brightest colour
+    assert len({tuple(c) for c in strokes.tolist()}) > 300  # a colour of its own per image (8-bit ties aside)
+    out = tmp_path / "run"
+    train_afm.main(["--train_data_dir", str(data), "--resolution", "16", "--no-random_flip", "--output_dir", str(out),
+                    "--max_train_steps", "2", "--train_batch_size", "8", "--report_to", "none",
+                    "--num_validation_classes", "2", "--num_validation_images", "1"])
+    pipe = AFMPipeline.from_pretrained(out)
+    config = pipe.transformer.config
+    assert (config.sample_size, config.in_channels, config.patch_size, config.num_classes) == (16, 3, 4, 10)
+    assert pipe.vae is None and pipe.id2label[3] == "3"
+    assert pipe(class_labels=["7"], output_type="np").images.shape == (1, 16, 16, 3)
+    card = (out / "README.md").read_text()
+    assert '"defaults": "small"' in card  # the card records the choice and the model's size
+    assert f'"parameters": {pipe.transformer.num_parameters()}' in card

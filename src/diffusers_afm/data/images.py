@@ -232,3 +232,21 @@ def random_flip(images: torch.Tensor, generator: Optional[torch.Generator] = Non
     """Flip each image horizontally with probability `p` (drawn with `generator`)."""
     flip = torch.rand(images.shape[0], device=images.device, generator=generator) < p
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def count_local_images(folder: str) -> Tuple[int, int]:
+    """`(images, class folders)` of an `imagefolder`-layout folder, counted by file extension as
+    `datasets`' imagefolder selects them, without opening a file (the trainer sizes its defaults by
+    it before loading anything). Class folders are the distinct folders that hold images (1 when all
+    images lie in `folder` itself)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    images, parents = 0, set()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found = sum(os.path.splitext(name)[1].lower() in extensions for name in files if not name.startswith("."))
+        if found:
+            images += found
+            parents.add(os.path.relpath(root, folder))
+    return images, len(parents)
