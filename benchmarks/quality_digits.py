@@ -3,6 +3,8 @@
 
     python benchmarks/quality_digits.py                       # train the default, then measure
     python benchmarks/quality_digits.py --pipeline afm-digits # measure an already trained folder
+    python benchmarks/quality_digits.py --pipeline afm-color-digits --output quality_color_digits.json
+                                                              # the colour digits (docs/training_recipes.md)
 
 Trains `examples/train_afm.py` with its defaults (the digits' train split), samples class-
 conditionally with the EMA generator, and measures against the held-out split, with an
@@ -67,7 +69,22 @@ def sample(pipeline_dir, per_class, seed, batch_size=500):
         chunk = labels[start : start + batch_size].tolist()
         out.append(pipe(class_labels=chunk, generator=generator, output_type="np").images)
     images = np.concatenate(out)  # (N, H, W, C) in [0, 1]
-    return images.mean(axis=-1).reshape(len(images), -1).astype(np.float32), labels
+    return digit_pixels(images), labels
+
+
+def digit_pixels(images):
+    """(N, H, W, C) images in [0, 1] -> the digits' (N, 64) grey pixels. Grey digits: the channel
+    mean. The colour digits (`examples/make_color_digits.py`, a saturated stroke on black): the
+    brightest channel, which is the stroke's intensity whatever its hue. Larger images are averaged
+    down to 8x8 in blocks."""
+    grey = images.max(axis=-1) if images.shape[-1] == 3 and not np.allclose(images[..., 0], images[..., 1]) \
+        else images.mean(axis=-1)
+    n, h, w = grey.shape
+    if h != 8 or w != 8:
+        if h % 8 or w % 8:
+            raise ValueError(f"The pipeline makes {h}x{w} images; a multiple of the digits' 8x8 is needed.")
+        grey = grey.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))
+    return grey.reshape(n, -1).astype(np.float32)
 
 
 def measure(pipeline_dir, per_class=100, seed=0):
