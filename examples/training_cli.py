@@ -301,11 +301,9 @@ def check_model_input(args: argparse.Namespace, patch_size: int) -> None:
                          f"{where} is {side}")
 
 
-def vae_downsampling(vae: str) -> int:
-    """`--vae`'s spatial downsampling, read from its config.json (a folder, or the Hub cache): 2 per
-    encoder block but the last (8 for the SD-VAE). A Hub VAE that is not cached while offline is an error."""
-    if vae.lower() == "none":
-        return 1
+def vae_config(vae: str) -> Optional[Dict]:
+    """`--vae`'s config.json (a folder, a pipeline folder's vae/, or the Hub cache); None when it is
+    not downloaded yet. A Hub VAE that is not cached while offline is an error."""
     path = None
     for folder in (os.path.join(vae, "vae"), vae):
         if os.path.isfile(os.path.join(folder, "config.json")):
@@ -326,9 +324,22 @@ def vae_downsampling(vae: str) -> int:
     if path is None:
         if os.path.isdir(vae):
             raise flag_error("vae", vae, "a folder with a VAE config.json (or a pipeline folder with vae/), or 'none'")
-        return 8  # not downloaded yet: the SD-VAE family's factor; the data loader checks the real one
+        return None
     with open(path) as f:
-        return 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+        return json.load(f)
+
+
+def vae_downsampling(vae: str) -> int:
+    """`--vae`'s spatial downsampling, read from its config: 2 per encoder block but the last (8 for
+    the SD-VAE; also assumed for a Hub VAE not downloaded yet, which the data loader checks)."""
+    if vae.lower() == "none":
+        return 1
+    return config_downsampling(vae_config(vae))
+
+
+def config_downsampling(config: Optional[Dict]) -> int:
+    """2 per encoder block but the last; 8 (the SD-VAE family's) for a config not at hand."""
+    return 8 if config is None else 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
 
 
 def resolve_train_steps(args: argparse.Namespace, dataloader, num_processes: int) -> None:
@@ -343,15 +354,21 @@ def uses_embedded_digits(args: argparse.Namespace) -> bool:
     return args.latent_cache is None and is_embedded_digits(args.dataset_name, args.train_data_dir)
 
 
+def local_data_folder(args: argparse.Namespace) -> Optional[str]:
+    """The local image folder the run reads (`--train_data_dir`, or a `--dataset_name` that is a
+    folder), or None (the digits, a Hub dataset)."""
+    folder = args.train_data_dir or args.dataset_name
+    return folder if folder is not None and os.path.isdir(folder) else None
+
+
 def count_training_images(args: argparse.Namespace) -> Optional[int]:
     """The number of images the run will train on, known before loading anything: counted in a local
     folder or read from the latent cache, capped by `--max_train_samples`; None for a Hub dataset."""
-    count = None
-    folder = args.train_data_dir or (args.dataset_name if args.dataset_name and os.path.isdir(args.dataset_name) else None)
+    count, folder = None, local_data_folder(args)
     if args.latent_cache is not None:
         info = read_cache_info(args.latent_cache)
         count = info["num_images"] if info is not None else None
-    elif folder is not None and os.path.isdir(folder):
+    elif folder is not None:
         count = count_local_images(folder)[0]
     if args.max_train_samples is not None:
         count = args.max_train_samples if count is None else min(count, args.max_train_samples)
@@ -405,26 +422,23 @@ def planned_model_inputs(args: argparse.Namespace) -> Dict:
     elif args.vae.lower() == "none":
         channels, side = (1 if uses_embedded_digits(args) else 3), args.resolution
     else:
-        try:
-            side = args.resolution // vae_downsampling(args.vae)
-            channels = 4
-            for folder in (os.path.join(args.vae, "vae"), args.vae):
-                config = os.path.join(folder, "config.json")
-                if os.path.isfile(config):
-                    with open(config) as f:
-                        channels = json.load(f).get("latent_channels", 4)
-                    break
+        try:  # a dry run plans before the VAE is downloaded, perhaps offline
+            config = vae_config(args.vae)
         except ValueError:
-            side, channels = args.resolution // 8, 4
+            config = None
+        side, channels = args.resolution // config_downsampling(config), 4
+        if config is None:
             assumed.append("the VAE's downsampling (8) and latent channels (4)")
+        else:
+            channels = config.get("latent_channels", 4)
     num_classes = args.num_classes
     if num_classes is None:
-        folder = args.train_data_dir or (args.dataset_name if args.dataset_name and os.path.isdir(args.dataset_name) else None)
+        folder = local_data_folder(args)
         if info is not None:
             num_classes = info["num_classes"]
         elif uses_embedded_digits(args):
             num_classes = 10
-        elif folder is not None and os.path.isdir(folder):
+        elif folder is not None:
             num_classes = count_local_images(folder)[1]
         else:
             num_classes = 1000
