@@ -163,7 +163,10 @@ def main(parse_args: Callable, settings: Callable, train: Callable, argv: Option
 
 
 def run(parse_args: Callable, settings: Callable, train: Callable) -> None:
-    """A trainer's `__main__`: a bad flag or config is one line on stderr, before any work is done."""
+    """A trainer's `__main__`: a bad flag or config is one line on stderr, before any work is done;
+    so are the run's own stops (a damaged checkpoint, a full disk, a diverged loss, unusable data)."""
+    from diffusers_afm.training import RunStopped
+
     try:
         args = parse_args()
     except ValueError as err:
@@ -171,7 +174,10 @@ def run(parse_args: Callable, settings: Callable, train: Callable) -> None:
     if args.dry_run:
         print_settings(settings(args))
         sys.exit(0)
-    train(args)
+    try:
+        train(args)
+    except RunStopped as err:
+        sys.exit(f"error: {err}")
 
 
 # ----------------------------------------------------------------------------- flag groups
@@ -235,7 +241,12 @@ def add_run_arguments(p: argparse.ArgumentParser, output_dir: str, tracker_proje
                    help="Save a resumable checkpoint every N steps (and at the end).")
     p.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="Keep at most this many checkpoints (default: all).")
-    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (the newest checkpoint; an error if it is damaged), 'latest_valid' (the newest "
+                        "one that verifies, skipping damaged ones) or a checkpoint folder.")
+    p.add_argument("--ddp_timeout", type=int, default=600,
+                   help="Seconds a process waits in a collective (all-reduce, barrier) before it gives up, so a "
+                        "run whose peer died exits instead of hanging (torch.distributed's timeout).")
     p.add_argument("--config", default=None,
                    help="A JSON file of flag values (keys: flag names without dashes); command-line flags override it.")
     p.add_argument("--dry_run", action="store_true",
@@ -254,7 +265,7 @@ def add_adamw_arguments(p: argparse.ArgumentParser, beta1: float, beta2: float, 
 
 def check_run_arguments(args: argparse.Namespace) -> None:
     """Value checks of the flags `add_data_arguments` and `add_run_arguments` define."""
-    for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+    for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "ddp_timeout"):
         if getattr(args, flag) < 1:
             raise flag_error(flag, getattr(args, flag), "an integer >= 1")
     for flag in ("checkpoints_total_limit", "max_train_steps", "num_train_epochs", "max_train_samples"):
@@ -517,8 +528,10 @@ def check_model_spec(flag: str, spec: Optional[str], fallback: Dict) -> int:
 # ----------------------------------------------------------------------------- accelerate
 def setup_accelerator(args: argparse.Namespace):
     """The Accelerator of a run (logging, seeded RNGs, output folder); call first."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -528,6 +541,8 @@ def setup_accelerator(args: argparse.Namespace):
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # A dead peer turns every collective of the survivors into an error after this long, not a hang.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state)

@@ -2,10 +2,13 @@
 parsing the flags that several scripts share."""
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+
+from typing import Optional
 
 import torch
 
@@ -104,6 +107,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """The example scripts' `--help`: every flag's default shown, the description's layout kept."""
 
 
+class RunStopped(RuntimeError):
+    """A run that stops for a reason the user can act on (a damaged checkpoint, a full disk, a diverged
+    loss, unusable data); the message is one line, and the trainers print it without a traceback."""
+
+
 class FlagValueError(ValueError, argparse.ArgumentTypeError):
     """A bad command-line value: a `ValueError` to Python callers, argparse's own message on the command line."""
 
@@ -129,3 +137,63 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" else "float32"
     return DTYPES[name]
+
+
+def explain_load_error(err: Exception, folder: str) -> Optional[Exception]:
+    """A one-line error naming the file, for what diffusers raises on a damaged pipeline folder
+    (None when `err` is not one of those): a weights file that cannot be read (truncated, not
+    safetensors), or weights whose shapes the config does not build."""
+    import glob
+    import re
+
+    message = str(err)
+    unreadable = re.search(r"Unable to load weights from checkpoint file for '([^']+)'", message)
+    if unreadable:
+        file = unreadable.group(1)
+        detail = "cannot be read"
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(file, framework="pt") as f:
+                    f.keys()
+            except Exception as inner:
+                detail = f"is truncated or not a safetensors file ({str(inner).splitlines()[0]})"
+        elif hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+            try:  # lists what the pickle would call, running none of it
+                found = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+            except Exception:
+                found = None
+            if found:
+                detail = (f"holds objects other than tensors ({', '.join(found[:3])}); it was not unpickled "
+                          "(torch.load with weights_only=True refuses them)")
+            elif found is None:
+                detail = "is truncated or not a torch.save file"
+        return OSError(f"{file} {detail}; save or download it again.")
+    mismatch = re.search(r"because (\S+) expected shape (torch\.Size\(\[[^\]]*\]\)), but got (torch\.Size\(\[[^\]]*\]\))",
+                         message)
+    if mismatch:
+        key, expected, got = mismatch.groups()
+        file = folder
+        shape = [int(n) for n in re.findall(r"\d+", got[10:])]
+        try:  # the components the pipeline loads, not other folders beside them (discriminator/)
+            with open(os.path.join(folder, "model_index.json")) as f:
+                components = [k for k, v in json.load(f).items() if isinstance(v, list)]
+        except (OSError, ValueError):
+            components = ["*"]
+        candidates = [c for name in components
+                      for c in sorted(glob.glob(os.path.join(folder, name, "diffusion_pytorch_model*.safetensors")))]
+        for candidate in candidates:
+            from safetensors import safe_open
+
+            try:
+                with safe_open(candidate, framework="pt") as f:
+                    if key in f.keys() and list(f.get_slice(key).get_shape()) == shape:
+                        file = candidate
+                        break
+            except Exception:
+                continue
+        config = os.path.join(os.path.dirname(file), "config.json") if file != folder else "its config.json"
+        return ValueError(f"{file} holds `{key}` of shape {got[11:-1]}, but {config} builds {expected[11:-1]}: "
+                          "the config and the weights come from different models.")
+    return None

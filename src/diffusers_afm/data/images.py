@@ -16,6 +16,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..utils import RunStopped
+
 logger = logging.getLogger(__name__)
 
 DIGITS_NAMES = [str(i) for i in range(10)]
@@ -70,14 +72,20 @@ def load_image_dataset(
     (or when `dataset_name` is `"digits"`)."""
     import datasets
 
+    def image_folder(folder: str, flag: str):
+        if not os.path.isdir(folder):
+            raise ValueError(f"`--{flag}`: {folder!r} is not a folder.")
+        if count_local_images(folder)[0] == 0:
+            raise ValueError(f"`--{flag}`: {folder!r} has no images (files ending in one of "
+                             f"{', '.join(image_extensions()[:6])}, ...), in it or in class sub-folders.")
+        return datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=cache_dir, split=split)
+
     if train_data_dir is not None:
-        if not os.path.isdir(train_data_dir):
-            raise ValueError(f"`--train_data_dir`: {train_data_dir!r} is not a folder.")
-        return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
+        return image_folder(train_data_dir, "train_data_dir")
     if is_embedded_digits(dataset_name):
         return digits_dataset(split)
     if os.path.isdir(dataset_name):
-        return datasets.load_dataset("imagefolder", data_dir=dataset_name, cache_dir=cache_dir, split=split)
+        return image_folder(dataset_name, "dataset_name")
     return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
 
 
@@ -221,7 +229,8 @@ def collate(examples: List[Dict]) -> Dict[str, torch.Tensor]:
     """Stack a batch, leaving out images that could not be read."""
     kept = [ex for ex in examples if ex["pixel_values"] is not None]
     if not kept:
-        raise RuntimeError("Every image of a batch was unreadable; see the warnings above.")
+        raise RunStopped("Every image of a batch was unreadable (each is named in a warning above); "
+                         "remove or repair those files.")
     return {
         "pixel_values": torch.stack([ex["pixel_values"] for ex in kept]),
         "class_labels": torch.tensor([int(ex["class_labels"]) for ex in kept], dtype=torch.long),
@@ -234,14 +243,19 @@ def random_flip(images: torch.Tensor, generator: Optional[torch.Generator] = Non
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def image_extensions() -> List[str]:
+    """The file extensions `datasets`' imagefolder reads as images (lower case, with the dot)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return sorted({e.lower() for e in ImageFolder.EXTENSIONS}, key=lambda e: (e not in (".png", ".jpg", ".jpeg", ".webp"), e))
+
+
 def count_local_images(folder: str) -> Tuple[int, int]:
     """`(images, class folders)` of an `imagefolder`-layout folder, counted by file extension as
     `datasets`' imagefolder selects them, without opening a file (the trainer sizes its defaults by
     it before loading anything). Class folders are the distinct folders that hold images (1 when all
     images lie in `folder` itself)."""
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
-    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    extensions = set(image_extensions())
     images, parents = 0, set()
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]

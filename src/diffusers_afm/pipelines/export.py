@@ -37,9 +37,9 @@ _PIPELINE_PROVIDED = {
         "from diffusers.models.modeling_utils import ModelMixin as AdversarialFlowTransformer2DModel"
     )
 }
-# Only the installed class reads an exported folder back onto the installed code; the copy loads
-# the folder as diffusers reads it.
-_PIPELINE_DROPPED = ("AFMPipeline._dict_from_json_file",)
+# Only the installed class reads an exported folder back onto the installed code, and explains a
+# damaged folder with our helpers; the copy loads the folder as diffusers reads it.
+_PIPELINE_DROPPED = ("AFMPipeline._dict_from_json_file", "AFMPipeline.from_pretrained")
 
 
 def _module_stem(module_name: str) -> str:

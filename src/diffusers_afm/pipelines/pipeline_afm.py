@@ -79,6 +79,20 @@ class AFMPipeline(DiffusionPipeline):
         self._cuda_graph = None
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`DiffusionPipeline.from_pretrained`, with a one-line error naming the file for a damaged
+        folder (a truncated weights file, weights the config does not fit)."""
+        from ..utils import explain_load_error
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError) as err:
+            clear = explain_load_error(err, str(pretrained_model_name_or_path))
+            if clear is None:
+                raise
+            raise clear from None
+
+    @classmethod
     def _dict_from_json_file(cls, json_file):
         """Read `model_index.json`; in a folder written by `export_standalone`, point the entries that
         name the generated copies of our modules back at the installed modules.

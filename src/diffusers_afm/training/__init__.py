@@ -15,12 +15,14 @@ from . import recipe
 from .pairs import flow_weight, make_flow_pair, sample_timestep_pairs
 from .schedules import constant, cosine, ema_warmup, linear, parse_schedule, sequence
 from .step import AFMObjective, AFMTrainingStep
+from ..utils import RunStopped
 
 __all__ = [
     "AFMObjective",
     "AFMTrainingStep",
     "GradientNormalization",
     "ModelEMA",
+    "RunStopped",
     "augment_pair",
     "classifier_guidance_term",
     "constant",

@@ -1,30 +1,60 @@
-"""Resumable training checkpoints, written so that a crash never leaves a half-written one.
+"""Resumable training checkpoints: written so that a crash never leaves a half-written one, read so
+that a damaged or hostile one is refused with a one-line error (docs/reliability.md).
 
 A checkpoint `checkpoint-<step>/` holds what `accelerator.save_state` writes plus the AFM state
-Accelerate does not know about (`CheckpointIO`), and the step. It is first written as
-`.checkpoint-<step>.tmp/` and renamed into place when complete; only complete checkpoints are ever
-resumed from or counted, and the oldest are pruned after a new one lands.
+Accelerate does not know about (`CheckpointIO`), and the state file `trainer_state.json`: the step
+and a manifest of every file with its size and SHA-256. It is first written as
+`.checkpoint-<step>.tmp/`, the state file last, and renamed into place when complete; only complete
+checkpoints are ever resumed from or counted, and the oldest are pruned (renamed away first, then
+deleted) only after a new one has landed.
+
+Before anything is loaded, `verify_checkpoint` checks the folder against its manifest (truncated,
+garbled or missing files) and scans every pickle-based file Accelerate wrote (optimizer, scheduler,
+sampler and RNG states) for the globals it would need: only tensors, numbers and numpy arrays are
+allowed, so a crafted pickle is refused without running any of it, whatever Accelerate version
+then reads the file.
 """
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
-from typing import List, Optional
+import zipfile
+from typing import Dict, List, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..utils import RunStopped
 from .ema import ModelEMA
 from .grad_norm import GradientNormalization
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+# `--resume_from_checkpoint latest_valid`: the newest checkpoint that passes `verify_checkpoint`.
+LATEST, LATEST_VALID = "latest", "latest_valid"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+# Files Accelerate writes with torch.save (pickle inside a zip). `custom_checkpoint_*.pkl` is not
+# among them: we register no custom objects, and Accelerate reads those with weights_only=False.
+_PICKLED = re.compile(r"^(optimizer(_\d+)?|scheduler(_\d+)?|sampler(_\d+)?|dl_state_dict(_\d+)?|scaler)\.(bin|pt)$|"
+                      r"^random_states_\d+\.pkl$")
+# What a torch.load(weights_only=True) of those files may need beyond torch's own allowlist: numpy
+# arrays and dtypes for the RNG states (Accelerate adds the same to its safe globals).
+_ALLOWED_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                    "numpy.dtype", "numpy.dtypes.", "codecs.encode", "_codecs.encode")
 
 
+class CheckpointError(RunStopped):
+    """A checkpoint that cannot be saved or resumed from; the message is one line that names the file."""
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
 def list_checkpoints(output_dir: str) -> List[str]:
-    """Complete checkpoints in `output_dir`, oldest first."""
+    """Complete checkpoints in `output_dir` (those with a state file), oldest first."""
     if not os.path.isdir(output_dir):
         return []
     found = []
@@ -36,20 +66,148 @@ def list_checkpoints(output_dir: str) -> List[str]:
 
 
 def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[str]:
-    """`latest` -> the newest complete checkpoint (None if there is none yet); a path must exist."""
+    """The checkpoint folder to resume from, verified (`verify_checkpoint`).
+
+    `latest` is the newest complete checkpoint (None if there is none yet); if it is damaged, that is
+    an error naming the file and the previous checkpoint: it never silently falls back. `latest_valid`
+    asks for the fallback: the newest checkpoint that verifies, each skipped one named in the log.
+    A path must be a complete checkpoint folder.
+    """
     if resume_from_checkpoint is None:
         return None
-    if resume_from_checkpoint == "latest":
+    if resume_from_checkpoint in (LATEST, LATEST_VALID):
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        for i, path in enumerate(reversed(checkpoints)):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CheckpointError as err:
+                if resume_from_checkpoint == LATEST:
+                    older = checkpoints[-2 - i] if len(checkpoints) > 1 + i else None
+                    hint = (f"to resume from the newest checkpoint that verifies ({os.path.basename(older)} is the "
+                            f"previous one), pass `--resume_from_checkpoint {LATEST_VALID}`"
+                            if older else "there is no older checkpoint; start afresh without --resume_from_checkpoint")
+                    raise CheckpointError(f"{err} ({hint}).") from None
+                import logging
+
+                logging.getLogger(__name__).warning("Skipping %s: %s", path, err)
+        return None
     if not os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
         raise ValueError(
             f"`--resume_from_checkpoint`: {resume_from_checkpoint!r} is not a complete checkpoint folder "
-            f"(no {STATE_FILE}); pass 'latest' or a {PREFIX}<step> folder."
+            f"(no {STATE_FILE}); pass '{LATEST}', '{LATEST_VALID}' or a {PREFIX}<step> folder."
         )
+    verify_checkpoint(resume_from_checkpoint)
     return resume_from_checkpoint
 
 
+# ----------------------------------------------------------------------------- verifying
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest(folder: str) -> Dict[str, Dict]:
+    """`{file: {"bytes", "sha256"}}` of every file in `folder` (recursively), except the state file."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != STATE_FILE:
+                files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    return files
+
+
+def read_state(path: str) -> Dict:
+    """The checkpoint's state file, or a CheckpointError naming it."""
+    state_file = os.path.join(path, STATE_FILE)
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{state_file} cannot be read ({type(err).__name__}: {err}); the checkpoint is damaged") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise CheckpointError(f"{state_file} holds no step count (expected {{\"step\": <int>, ...}}); the checkpoint is damaged")
+    return state
+
+
+def _unsafe_globals(path: str) -> List[str]:
+    """The globals a torch.save file needs that are neither in torch's weights_only allowlist nor ours."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a complete torch.save archive (truncated, or not written by torch.save)")
+    try:
+        if hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch >= 2.5: reads only the pickle
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        else:  # a weights_only load refuses what it does not allow, running none of it
+            from accelerate.utils import load as weights_only_load
+
+            weights_only_load(path, map_location="cpu")
+            found = []
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path} holds objects other than tensor data; refusing to unpickle it ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # a damaged archive: zip or pickle errors of several kinds
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    return [g for g in found if not any(g == a or (a.endswith(".") and g.startswith(a)) for a in _ALLOWED_GLOBALS)]
+
+
+def verify_checkpoint(path: str) -> Dict:
+    """Check a checkpoint folder before anything in it is loaded; returns its state.
+
+    Raises `CheckpointError` (one line, naming the file) for a damaged state file; a file of the
+    manifest that is missing, of another size (truncated) or of another checksum (garbled); a
+    pickle-based file that needs anything but tensors, numbers and numpy arrays to load, or that
+    the manifest does not list (a file planted after the save, such as `custom_checkpoint_0.pkl`).
+    Checkpoints written before the manifest existed are checked without it.
+    """
+    state = read_state(path)
+    listed = state.get("files")
+    present = set(manifest_names(path))
+    if listed is not None:
+        for rel, expected in listed.items():
+            file = os.path.join(path, rel)
+            if rel not in present:
+                raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+            size = os.path.getsize(file)
+            if size != expected["bytes"]:
+                raise CheckpointError(f"{file} is truncated or damaged: {size} bytes, {expected['bytes']} were written")
+            if _sha256(file) != expected["sha256"]:
+                raise CheckpointError(f"{file} is garbled: its SHA-256 differs from the one recorded when it was written")
+    for rel in sorted(present):
+        file, name = os.path.join(path, rel), os.path.basename(rel)
+        unlisted = listed is not None and rel not in listed
+        if name.endswith((".pkl", ".bin", ".pt", ".pth", ".ckpt")):
+            if unlisted or not _PICKLED.match(name):
+                raise CheckpointError(
+                    f"{file} was not written by this trainer's save; refusing to unpickle it (remove it to resume)"
+                )
+            unsafe = _unsafe_globals(file)
+            if unsafe:
+                raise CheckpointError(
+                    f"{file} needs {', '.join(unsafe[:3])} to load, which is not tensor data; refusing to unpickle it"
+                )
+        elif name.endswith(".safetensors") and listed is None:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    f.keys()
+            except Exception as err:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    return state
+
+
+def manifest_names(folder: str) -> List[str]:
+    return [os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
+            if os.path.relpath(os.path.join(root, name), folder) != STATE_FILE]
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
+
+
+# ----------------------------------------------------------------------------- saving and loading
 class CheckpointIO:
     """The resumable state of a run, each piece named once (as edm2's `CheckpointIO` does).
 
@@ -81,51 +239,107 @@ class CheckpointIO:
     def _rng_file(self, folder: str) -> str:
         return os.path.join(folder, f"noise_rng_{self.accelerator.process_index}.safetensors")
 
+    def _write(self, tmp: str) -> None:
+        """Everything but the state file into `tmp` (every process writes its part)."""
+        self.accelerator.save_state(tmp, safe_serialization=True)
+        if self.noise_generator is not None:
+            save_file({"state": self.noise_generator.get_state()}, self._rng_file(tmp))
+        if self.accelerator.is_main_process:
+            for name, module in self._modules():
+                state = {k: v.contiguous() for k, v in module.state_dict().items()}
+                save_file(state, os.path.join(tmp, f"{name}.safetensors"))
+
     def save(self, output_dir: str, step: int, total_limit: Optional[int] = None) -> str:
         """Write `checkpoint-<step>` atomically (call on every process); returns its path.
 
-        Written as `.checkpoint-<step>.tmp/`, marked complete by the state file written last, then
-        renamed into place; the oldest complete checkpoints beyond `total_limit` are pruned after that.
+        Written as `.checkpoint-<step>.tmp/`, marked complete by the state file (with the manifest)
+        written last, then renamed into place; the oldest complete checkpoints beyond `total_limit`
+        are pruned after that. A failed write (a full disk, say) removes the temporary folder and
+        raises a `CheckpointError` that says how much space a checkpoint takes; the checkpoints
+        already there are untouched.
         """
         accelerator = self.accelerator
         final = os.path.join(output_dir, f"{PREFIX}{step}")
         tmp = os.path.join(output_dir, f".{PREFIX}{step}.tmp")
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed save
+            remove_leftovers(output_dir)  # of crashed saves and prunes
             os.makedirs(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(tmp, safe_serialization=True)
-        if self.noise_generator is not None:
-            save_file({"state": self.noise_generator.get_state()}, self._rng_file(tmp))
-        if accelerator.is_main_process:
-            for name, module in self._modules():
-                state = {k: v.contiguous() for k, v in module.state_dict().items()}
-                save_file(state, os.path.join(tmp, f"{name}.safetensors"))
+        try:
+            self._write(tmp)
+        except OSError as err:
+            raise self._save_error(output_dir, step, tmp, err) from None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({"step": step, "num_processes": accelerator.num_processes}, f)
-            if os.path.exists(final):
-                shutil.rmtree(final)
+            try:
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump({"step": step, "num_processes": accelerator.num_processes, "files": manifest(tmp)}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as err:
+                raise self._save_error(output_dir, step, tmp, err) from None
+            if os.path.exists(final):  # saved again at the same step: move the old one away in one rename
+                os.replace(final, os.path.join(output_dir, f".{PREFIX}{step}.old"))
             os.replace(tmp, final)
             if total_limit is not None:
                 for old in list_checkpoints(output_dir)[:-total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    # Renamed first, so that a crash while deleting never leaves a "complete" half.
+                    trash = os.path.join(output_dir, f".{os.path.basename(old)}.old")
+                    os.replace(old, trash)
+            remove_leftovers(output_dir, keep_tmp=True)
         accelerator.wait_for_everyone()
         return final
 
+    def _save_error(self, output_dir: str, step: int, tmp: str, err: OSError) -> CheckpointError:
+        written = folder_bytes(tmp) if os.path.isdir(tmp) else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(output_dir)
+        need = folder_bytes(kept[-1]) if kept else None
+        free = shutil.disk_usage(output_dir).free
+        size = (f"a checkpoint of this run takes {need / 2**20:.1f} MiB" if need is not None else
+                f"{written / 2**20:.1f} MiB were written before it failed")
+        what = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "writing failed"
+        return CheckpointError(
+            f"Saving {PREFIX}{step} in {output_dir} failed, {what} ({err.strerror or err}): {size}, "
+            f"{free / 2**20:.1f} MiB are free; the last complete checkpoint is "
+            f"{kept[-1] if kept else 'none'} and is untouched"
+        )
+
     def load(self, path: str) -> int:
-        """Restore everything `save` wrote into the pieces; returns the step to continue from."""
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
-        self.accelerator.load_state(path)
+        """Restore everything `save` wrote into the pieces; returns the step to continue from.
+
+        The folder is verified first (`verify_checkpoint`); a piece that does not fit this run's
+        models (another config) is a `CheckpointError` naming the file.
+        """
+        state = verify_checkpoint(path)
+        try:
+            self.accelerator.load_state(path)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path} does not fit this run ({type(err).__name__}: {first}); "
+                                  "resume with the flags of the run that wrote it") from None
         for name, module in self._modules():
+            file = os.path.join(path, f"{name}.safetensors")
             # Loaded onto the device the module's tensors live on (EMA on the accelerator, say).
             device = next(iter(module.state_dict().values())).device
-            module.load_state_dict({k: v.to(device) for k, v in load_file(os.path.join(path, f"{name}.safetensors")).items()})
+            try:
+                module.load_state_dict({k: v.to(device) for k, v in load_file(file).items()})
+            except Exception as err:
+                raise CheckpointError(f"{file} does not fit this run ({str(err).strip().splitlines()[0]})") from None
         if self.noise_generator is not None:
             if os.path.isfile(self._rng_file(path)):
                 self.noise_generator.set_state(load_file(self._rng_file(path))["state"])
             else:  # resumed on more processes than saved: a fresh, still rank-distinct stream
                 self.noise_generator.manual_seed(self.noise_generator.initial_seed() + 7919 * state["step"])
         return int(state["step"])
+
+
+def remove_leftovers(output_dir: str, keep_tmp: bool = False) -> None:
+    """Delete what crashed saves (`.checkpoint-*.tmp`) and prunes (`.checkpoint-*.old`) left behind."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(f".{PREFIX}") and (name.endswith(".old") or (name.endswith(".tmp") and not keep_tmp)):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)

@@ -11,10 +11,11 @@ from typing import Dict, Iterable, Iterator
 
 import torch
 
+from ..utils import RunStopped
 from .checkpoint import list_checkpoints
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStopped):
     """A diverged run: raised before the step's checkpoint or pipeline could be written."""
 
 
