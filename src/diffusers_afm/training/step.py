@@ -19,7 +19,7 @@ import torch
 from .. import flow
 from . import recipe
 from .augment import augment_pair
-from .ema import ModelEMA, unwrap
+from .ema import ModelEMA
 from .grad_norm import GradientNormalization
 from .losses import classifier_guidance_term, discriminator_loss, generator_loss, perturbed_batch_size
 from .pairs import flow_weight, make_flow_pair, sample_timestep_pairs
@@ -64,6 +64,13 @@ class AFMObjective:
             raise ValueError(f"`prediction_type` must be one of {flow.PREDICTION_TYPES}, got {self.prediction_type!r}.")
         if self.cg_max_time is None:
             self.cg_max_time = recipe.cg_max_time(self.nfe)
+
+
+def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper, for calls whose parameters take no gradient (nothing to
+    synchronise); any other model as it is. An FSDP module must be called as it is: its forward
+    gathers the sharded parameters (FSDP2's `fully_shard` module has no wrapper at all)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _sample(output) -> torch.Tensor:
@@ -174,8 +181,8 @@ class AFMTrainingStep:
         batch_size = x0.shape[0]
         with torch.no_grad():
             s, t, x_s, real = self._draw_pair(x0)
-            # The generator's forward needs no DDP wrapper here: nothing flows back to it.
-            fake = self._generate(unwrap(self.generator), x_s, class_labels, s, t)
+            # The generator's forward skips DDP's wrapper here: nothing flows back to it.
+            fake = self._generate(without_ddp(self.generator), x_s, class_labels, s, t)
         real, fake = augment_pair(real, fake, obj.augment_p(step), generator=self.rng)
 
         n = perturbed_batch_size(batch_size, obj.gp_batch_ratio)
@@ -203,9 +210,9 @@ class AFMTrainingStep:
             s, t, x_s, real = self._draw_pair(x0)
         fake = self._generate(self.generator, x_s, class_labels, s, t)
 
-        # The discriminator is only a critic here: frozen, and called without its DDP wrapper
-        # (its parameters take no gradient, so there is nothing to synchronise).
-        critic = unwrap(self.discriminator).requires_grad_(False)
+        # The discriminator is only a critic here: frozen, and called without a DDP wrapper (its
+        # parameters take no gradient, so there is nothing to synchronise).
+        critic = without_ddp(self.discriminator).requires_grad_(False)
         try:
             fake_for_critic = self.grad_norm(fake) if self.grad_norm is not None else fake
             real, fake_for_critic = augment_pair(real, fake_for_critic, obj.augment_p(step), generator=self.rng)
