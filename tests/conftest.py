@@ -16,6 +16,16 @@ OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process state reset around a test that builds an Accelerator (a trainer run)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.fixture(scope="session")
 def official_meta():
     return json.loads((OFFICIAL / "fixtures.json").read_text())["models"]

@@ -19,13 +19,8 @@ import train_afm
 TINY = str(REPO / "tests" / "fixtures" / "tiny_model.json")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+# Each test builds its own Accelerator (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _train(out, *flags):
