@@ -463,7 +463,7 @@ def train(args: argparse.Namespace) -> str:
     global_step = 0
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
-        global_step = checkpoints.load(resume_path)
+        global_step = checkpoints.load(resume_path, verify=False)  # resolve_resume verified it
         logger.info(f"Resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint == "latest":
         logger.info("No checkpoint to resume from yet; starting a new run.")

@@ -305,13 +305,14 @@ class CheckpointIO:
             f"{kept[-1] if kept else 'none'} and is untouched"
         )
 
-    def load(self, path: str) -> int:
+    def load(self, path: str, verify: bool = True) -> int:
         """Restore everything `save` wrote into the pieces; returns the step to continue from.
 
-        The folder is verified first (`verify_checkpoint`); a piece that does not fit this run's
-        models (another config) is a `CheckpointError` naming the file.
+        The folder is verified first (`verify_checkpoint`; `verify=False` when `resolve_resume` has
+        just done it, to hash the files once); a piece that does not fit this run's models (another
+        config) is a `CheckpointError` naming the file.
         """
-        state = verify_checkpoint(path)
+        state = verify_checkpoint(path) if verify else read_state(path)
         try:
             self.accelerator.load_state(path)
         except CheckpointError:
