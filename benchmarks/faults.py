@@ -103,6 +103,8 @@ def kill_trials(n, work, reference, rng):
         equal = resumed.returncode == 0 and same(weights(out), reference)
         results.append(dict(trial=trial, in_save=in_save, killed=killed, checkpoints_after_kill=[os.path.basename(p) for p in kept],
                             newest_verifies=newest_ok, resumed=resumed.returncode == 0, equal=equal))
+        if resumed.returncode:
+            results[-1]["error"] = resumed.stderr[-2000:]
         print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(out, ignore_errors=True)
     return results
@@ -136,8 +138,9 @@ def sample_trials(n, work, pipeline, rng):
     return results
 
 
-def launch_command(out, timeout, *extra):
+def launch_command(out, timeout, port, *extra):
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(port),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             *train_command(out, "--ddp_timeout", str(timeout), *extra)[1:]]
 
@@ -149,8 +152,9 @@ def rank_trials(n, work, timeout):
     results = []
     for trial in range(n):
         out = os.path.join(work, f"rank-{trial}")
-        launcher = subprocess.Popen(launch_command(out, timeout), env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+        port = 29600 + trial  # not the default 29500 that another run on the machine may hold
+        log = open(os.path.join(work, f"rank-{trial}.log"), "w")
+        launcher = subprocess.Popen(launch_command(out, timeout, port), env=env, stdout=log, stderr=log)
         victim = None
         while launcher.poll() is None and victim is None:  # rank 1, once it has written a checkpoint
             if list_checkpoints(out):
@@ -168,11 +172,16 @@ def rank_trials(n, work, timeout):
             launcher.kill()
             exited_after = None
         leftovers = [p for p in psutil.process_iter(["cmdline"]) if out in " ".join(p.info["cmdline"] or [])]
-        resumed = subprocess.run(launch_command(out, timeout, "--resume_from_checkpoint", "latest"), env=env,
+        log.close()
+        resumed = subprocess.run(launch_command(out, timeout, port, "--resume_from_checkpoint", "latest"), env=env,
                                  capture_output=True, text=True)
         results.append(dict(trial=trial, killed=victim is not None, exited_after_s=exited_after,
                             within_timeout=exited_after is not None and exited_after <= timeout,
                             processes_left=len(leftovers), resumed=resumed.returncode == 0))
+        if victim is None:
+            results[-1]["error"] = open(os.path.join(work, f"rank-{trial}.log")).read()[-2000:]
+        if resumed.returncode:
+            results[-1]["resume_error"] = resumed.stderr[-2000:]
         print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(out, ignore_errors=True)
     return results

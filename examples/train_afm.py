@@ -48,7 +48,7 @@ from diffusers_afm.training import (
     ema_warmup,
 )
 from diffusers_afm.training import recipe
-from diffusers_afm.training.checkpoint import CheckpointIO, resolve_resume
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
 from diffusers_afm.training.loop import NonFiniteLossError, adamw, epoch_batches, host_values, noise_generator
 from diffusers_afm.utils import atomic_directory, atomic_file, parse_nfe, save_pretrained_into
 from training_cli import (
@@ -254,8 +254,7 @@ def check_input_paths(args: argparse.Namespace) -> None:
             if not os.path.isfile(os.path.join(args.init_from, name, "config.json")):
                 raise flag_error("init_from", args.init_from,
                                  f"the output_dir of a finished train_afm.py run (it has no {name}/config.json)")
-    if args.resume_from_checkpoint not in (None, "latest"):
-        resolve_resume(args.output_dir, args.resume_from_checkpoint)  # raises if it is not a checkpoint
+    check_resume_flag(args.resume_from_checkpoint)
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -395,6 +394,8 @@ def main(argv=None):
 def train(args: argparse.Namespace) -> str:
     accelerator = setup_accelerator(args)
     hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
+    # A damaged checkpoint is an error now, before any data or model is loaded.
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
 
     # 1. Data (every label is checked against the model's classes before training starts) and the VAE
     data = load_training_data(**training_data_kwargs(args, accelerator))
@@ -461,11 +462,10 @@ def train(args: argparse.Namespace) -> str:
     # 3. Resume (a checkpoint of this phase overrides the --init_from weights)
     checkpoints = CheckpointIO(accelerator, ema=ema, grad_norm=grad_norm, noise_generator=rng)
     global_step = 0
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
         global_step = checkpoints.load(resume_path, verify=False)  # resolve_resume verified it
         logger.info(f"Resumed from {resume_path} at step {global_step}")
-    elif args.resume_from_checkpoint == "latest":
+    elif args.resume_from_checkpoint in ("latest", "latest_valid"):
         logger.info("No checkpoint to resume from yet; starting a new run.")
     init_trackers(accelerator, args.tracker_project_name, settings(args))
     evaluation, metrics = None, None

@@ -30,7 +30,7 @@ from diffusers_afm import AFM_PRESETS, AdversarialFlowClassifier, flow, preset_c
 from diffusers_afm.data import DEFAULT_VAE, load_training_data
 from diffusers_afm.training import ModelEMA, ema_warmup
 from diffusers_afm.training.augment import random_affine
-from diffusers_afm.training.checkpoint import CheckpointIO, resolve_resume
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
 from diffusers_afm.training.loop import adamw, epoch_batches, host_values, noise_generator
 from diffusers_afm.utils import atomic_file, save_pretrained_into
 from training_cli import (
@@ -129,8 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.dry_run:
         if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
             raise flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
-        if args.resume_from_checkpoint not in (None, "latest"):
-            resolve_resume(args.output_dir, args.resume_from_checkpoint)
+        check_resume_flag(args.resume_from_checkpoint)
         check_model_input(args, patch_size)
     return args
 
@@ -192,6 +191,8 @@ def main(argv=None):
 
 def train(args: argparse.Namespace) -> str:
     accelerator = setup_accelerator(args)
+    # A damaged checkpoint is an error now, before any data or model is loaded.
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
 
     # 1. Data and the VAE (as the generator trainer reads them)
     data = load_training_data(**training_data_kwargs(args, accelerator))
@@ -215,7 +216,6 @@ def train(args: argparse.Namespace) -> str:
     # 3. Resume
     checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng)
     global_step = 0
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
         global_step = checkpoints.load(resume_path, verify=False)  # resolve_resume verified it
         logger.info(f"Resumed from {resume_path} at step {global_step}")

@@ -139,10 +139,13 @@ def _garble(path):
     ("ema.safetensors", _garble, "garbled"),
     ("trainer_state.json", _garble, "cannot be read|no step count"),
 ])
-def test_a_damaged_checkpoint_is_a_one_line_error_and_latest_valid_falls_back(run_dir, name, damage, message):
+def test_a_damaged_checkpoint_is_a_one_line_error_and_latest_valid_falls_back(run_dir, name, damage, message,
+                                                                              monkeypatch):
     damage(run_dir / "checkpoint-4" / name)
-    with pytest.raises(CheckpointError, match=message) as info:
-        _resume(run_dir, "--resume_from_checkpoint", "latest")
+    with monkeypatch.context() as patch:  # the error comes before any data is loaded
+        patch.setattr(train_afm, "load_training_data", lambda *a, **k: pytest.fail("data was loaded"))
+        with pytest.raises(CheckpointError, match=message) as info:
+            _resume(run_dir, "--resume_from_checkpoint", "latest")
     text = str(info.value)
     assert name in text and "checkpoint-2" in text and "latest_valid" in text and "\n" not in text
     # Asked for, the fallback resumes from checkpoint-2 and replaces the damaged checkpoint-4.

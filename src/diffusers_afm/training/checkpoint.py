@@ -92,13 +92,21 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str]) -> Op
 
                 logging.getLogger(__name__).warning("Skipping %s: %s", path, err)
         return None
+    check_resume_flag(resume_from_checkpoint)
+    verify_checkpoint(resume_from_checkpoint)
+    return resume_from_checkpoint
+
+
+def check_resume_flag(resume_from_checkpoint: Optional[str]) -> None:
+    """The cheap check of `--resume_from_checkpoint` at parse time: `latest`, `latest_valid`, or a
+    folder with a state file (its files are verified when the run starts, by `resolve_resume`)."""
+    if resume_from_checkpoint in (None, LATEST, LATEST_VALID):
+        return
     if not os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
         raise ValueError(
             f"`--resume_from_checkpoint`: {resume_from_checkpoint!r} is not a complete checkpoint folder "
             f"(no {STATE_FILE}); pass '{LATEST}', '{LATEST_VALID}' or a {PREFIX}<step> folder."
         )
-    verify_checkpoint(resume_from_checkpoint)
-    return resume_from_checkpoint
 
 
 # ----------------------------------------------------------------------------- verifying
