@@ -146,14 +146,14 @@ def explain_load_error(err: Exception, folder: str) -> Optional[Exception]:
     import glob
     import re
 
+    from safetensors import safe_open
+
     message = str(err)
     unreadable = re.search(r"Unable to load weights from checkpoint file for '([^']+)'", message)
     if unreadable:
         file = unreadable.group(1)
         detail = "cannot be read"
         if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
             try:
                 with safe_open(file, framework="pt") as f:
                     f.keys()
@@ -184,8 +184,6 @@ def explain_load_error(err: Exception, folder: str) -> Optional[Exception]:
         candidates = [c for name in components
                       for c in sorted(glob.glob(os.path.join(folder, name, "diffusion_pytorch_model*.safetensors")))]
         for candidate in candidates:
-            from safetensors import safe_open
-
             try:
                 with safe_open(candidate, framework="pt") as f:
                     if key in f.keys() and list(f.get_slice(key).get_shape()) == shape:

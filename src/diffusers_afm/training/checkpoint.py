@@ -120,14 +120,8 @@ def _sha256(path: str) -> str:
 
 def manifest(folder: str) -> Dict[str, Dict]:
     """`{file: {"bytes", "sha256"}}` of every file in `folder` (recursively), except the state file."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            if rel != STATE_FILE:
-                files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    return files
+    return {rel: {"bytes": os.path.getsize(os.path.join(folder, rel)), "sha256": _sha256(os.path.join(folder, rel))}
+            for rel in manifest_names(folder)}
 
 
 def read_state(path: str) -> Dict:
@@ -207,8 +201,9 @@ def verify_checkpoint(path: str) -> Dict:
 
 
 def manifest_names(folder: str) -> List[str]:
-    return [os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
-            if os.path.relpath(os.path.join(root, name), folder) != STATE_FILE]
+    """Every file in `folder` (recursively, relative paths) but the state file."""
+    paths = (os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names)
+    return [rel for rel in paths if rel != STATE_FILE]
 
 
 def folder_bytes(folder: str) -> int:
