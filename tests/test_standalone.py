@@ -13,7 +13,13 @@ import torch
 from conftest import randomize_, tiny_generator_config
 from diffusers import AutoencoderKL, DiffusionPipeline
 
-from diffusers_afm import AdversarialFlowTransformer2DModel, AFMPipeline, export_standalone, save_model_card
+from diffusers_afm import (
+    AdversarialFlowTransformer2DModel,
+    AFMPipeline,
+    FlowMatchingTransformer2DModel,
+    export_standalone,
+    save_model_card,
+)
 from diffusers_afm.pipelines.export import standalone_files, standalone_source
 
 ID2LABEL = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "crane"}
@@ -21,6 +27,9 @@ ID2LABEL = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "crane"}
 CALLS = {
     "latent_1nfe": dict(class_labels=["tench", 2, 1], num_images_per_label=2, output_type="np"),
     "pixel_2nfe_unconditional": dict(batch_size=3, output_type="np"),
+    # A flow-matching model (what Continuous AFM post-trains): Heun steps under classifier-free guidance.
+    "flow_heun_guided": dict(class_labels=[0, "crane"], num_inference_steps=3, solver="heun", guidance_scale=2.0,
+                             output_type="np"),
 }
 
 # Runs in a fresh interpreter in which `import diffusers_afm` fails, as on a machine without it.
@@ -70,6 +79,11 @@ def _folders(root, vae_dir):
         )
     )
     AFMPipeline(pixel.eval()).save_pretrained(root / "pixel_2nfe_unconditional")
+    flow = dict(tiny_generator_config(in_channels=3, num_classes=3))
+    for key in ("use_timestep_src", "use_timestep_tgt", "depth_repeat", "prediction_type", "nfe"):
+        flow.pop(key, None)
+    velocity_model = randomize_(FlowMatchingTransformer2DModel(**flow, class_dropout_prob=0.1))
+    AFMPipeline(velocity_model.eval(), id2label=ID2LABEL).save_pretrained(root / "flow_heun_guided")
     for name in CALLS:
         export_standalone(str(root / name))
 
@@ -90,9 +104,11 @@ def test_exported_folder_loads_without_diffusers_afm_bit_for_bit(tmp_path, tiny_
     assert "latent_1nfe diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_afm" in result.stdout
     assert "Expected types" not in result.stderr  # diffusers' type check accepted the generated classes
 
+    assert "flow_heun_guided diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_flow" in result.stdout
     for name, call in CALLS.items():
         ours = AFMPipeline.from_pretrained(tmp_path / name)
-        assert type(ours) is AFMPipeline and type(ours.transformer) is AdversarialFlowTransformer2DModel
+        expected_class = FlowMatchingTransformer2DModel if name.startswith("flow") else AdversarialFlowTransformer2DModel
+        assert type(ours) is AFMPipeline and type(ours.transformer) is expected_class
         ours.set_progress_bar_config(disable=True)
         expected = ours(**call, generator=torch.Generator().manual_seed(7)).images
         assert np.array_equal(np.load(tmp_path / f"{name}.npy"), expected), name

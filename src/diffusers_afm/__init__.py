@@ -12,6 +12,7 @@ from .models import (
     AdversarialFlowClassifier,
     AdversarialFlowDiscriminator,
     AdversarialFlowTransformer2DModel,
+    FlowMatchingTransformer2DModel,
     preset_config,
 )
 from .pipelines import AFMPipeline, export_standalone
@@ -27,6 +28,7 @@ __all__ = [
     "AdversarialFlowClassifier",
     "AdversarialFlowDiscriminator",
     "AdversarialFlowTransformer2DModel",
+    "FlowMatchingTransformer2DModel",
     "export_standalone",
     "make_model_card",
     "preset_config",

@@ -1,8 +1,10 @@
-"""The flow that every part of AFM shares (docs/method.md, "Notation" and "Generator").
+"""The flow that every part of AFM shares (docs/method.md, "Notation", "Generator" and "Continuous AFM").
 
-Rectified-flow convention: t = 1 is pure noise, t = 0 is data. These three functions are the only
-place where the interpolation, the sampling time grid and the x-/v-prediction update are written;
-the pipeline, the trainer's validation, the training losses and the toy experiments all call them.
+Rectified-flow convention: t = 1 is pure noise, t = 0 is data. These functions are the only place
+where the interpolation, the sampling time grid, the x-/v-prediction update of an AFM generator and
+the ODE solvers (Euler, Heun) and classifier-free guidance of a flow-matching velocity model are
+written; the pipeline, the trainers' validation, the training losses and the toy experiments all
+call them.
 """
 
 from typing import Callable, Iterable, Optional, Union
@@ -10,6 +12,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 PREDICTION_TYPES = ("sample", "velocity")
+SOLVERS = ("euler", "heun")
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: Union[float, torch.Tensor]) -> torch.Tensor:
@@ -75,3 +78,83 @@ def sample(
             replaced = on_step_end(i, grid[i], sample_)
             sample_ = sample_ if replaced is None else replaced
     return sample_
+
+
+# ----------------------------------------------------------------------------- flow-matching models
+def check_solver(solver: str, num_steps: int) -> None:
+    """A clear error for an unknown solver or a step count below 1, before any work."""
+    if solver not in SOLVERS:
+        raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_steps!r}.")
+
+
+def solver_nfe(solver: str, num_steps: int) -> int:
+    """Velocity evaluations of `solve_ode`: N for Euler, 2N for Heun (its corrector runs at every
+    step, the last included, as in the CAFM reference's sampler)."""
+    check_solver(solver, num_steps)
+    return num_steps * (2 if solver == "heun" else 1)
+
+
+def guided_velocity(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    class_labels: torch.Tensor,
+    null_class_id: Optional[int],
+    guidance_scale: float,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`v(x, t)` with the labels bound, under classifier-free guidance:
+    `v_null + w (v_c - v_null)`, the conditional and null-class velocities in ONE batched call.
+
+    `velocity_fn(x, t, labels)` is the model; `guidance_scale` w = 1 is the plain conditional
+    velocity (one call, no null-class pass). All channels are guided (SiT's sampler guides only the
+    first three, "for exact reproducibility" of its paper; the standard rule guides all).
+    """
+    if guidance_scale == 1.0:
+        return lambda x, t: velocity_fn(x, t, class_labels)
+    if null_class_id is None:
+        raise ValueError(
+            f"`guidance_scale`={guidance_scale} needs a model with a null class (trained with class dropout, "
+            "`class_dropout_prob` > 0); this one has none, so only guidance_scale=1 (no guidance) is allowed."
+        )
+    null = torch.full_like(class_labels, null_class_id)
+    labels = torch.cat([class_labels, null])
+
+    def velocity(x, t):
+        v_cond, v_null = velocity_fn(torch.cat([x, x]), torch.cat([t, t]), labels).chunk(2)
+        return v_null + guidance_scale * (v_cond - v_null)
+
+    return velocity
+
+
+def solve_ode(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    num_steps: int,
+    solver: str = "euler",
+    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    on_step_end: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
+) -> torch.Tensor:
+    """Integrate `dx/dt = v(x, t)` from `x_1 = z` to `x_0` over the evenly spaced grid of
+    `sampling_timesteps(num_steps)`.
+
+    Euler: `x_{t'} = x_t - (t - t') v(x_t, t)`. Heun: the Euler point `x'`, then
+    `x_{t'} = x_t - (t - t') (v(x_t, t) + v(x', t')) / 2`. `velocity_fn(x, t)` takes one time per
+    sample; `progress` and `on_step_end(i, t, x_{t'})` are as in `sample`.
+    """
+    check_solver(solver, num_steps)
+    grid = sampling_timesteps(num_steps, device=noise.device)
+    steps = range(num_steps) if progress is None else progress(range(num_steps))
+    x = noise
+    for i in steps:
+        t = grid[i].expand(noise.shape[0])
+        t_next = grid[i + 1].expand(noise.shape[0])
+        dt = grid[i] - grid[i + 1]
+        v = velocity_fn(x, t)
+        x_euler = x - dt * v
+        if solver == "heun":
+            x_euler = x - dt * 0.5 * (v + velocity_fn(x_euler, t_next))
+        x = x_euler
+        if on_step_end is not None:
+            replaced = on_step_end(i, grid[i], x)
+            x = x if replaced is None else replaced
+    return x

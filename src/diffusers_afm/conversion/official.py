@@ -6,12 +6,20 @@ adaLN emits (shift, scale) where diffusers' `AdaLayerNormContinuous` takes (scal
 `pos_embed` is a stored copy of the fixed sin-cos table that we recompute (and check).
 """
 
+import math
 import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..models import AFM_PRESETS, AdversarialFlowClassifier, AdversarialFlowDiscriminator, AdversarialFlowTransformer2DModel
+from ..models import (
+    AFM_PRESETS,
+    AdversarialFlowClassifier,
+    AdversarialFlowDiscriminator,
+    AdversarialFlowTransformer2DModel,
+    FlowMatchingTransformer2DModel,
+)
+from ..models.modules import TIME_PROJ_DIM
 
 # (reference key pattern, our key template) shared by the three networks.
 _TRUNK_RULES = [
@@ -99,8 +107,9 @@ def _map_state_dict(
             for pattern, template in rules:
                 if re.fullmatch(pattern, ref_key):
                     targets.append((re.sub(pattern, template, ref_key), tensor))
-        if ref_key == _LABEL_KEY and tensor.shape[0] == num_classes + 1:
-            # Trained with class dropout: the extra "null class" row is unused without CFG.
+        label_target = "class_embedder.embedding_table.weight"
+        if ref_key == _LABEL_KEY and label_target in expected and tensor.shape[0] == expected[label_target].shape[0] + 1:
+            # Trained with class dropout: the extra "null class" row is unused by a model without CFG (AFM).
             targets = [(targets[0][0], tensor[:num_classes])]
         if not targets:
             raise ValueError(f"Checkpoint key `{ref_key}` does not fit this model (no counterpart in {type(model).__name__}).")
@@ -309,3 +318,130 @@ def convert_official_classifier(
     num_classes = reference_kwargs.pop("num_classes")
     model = AdversarialFlowClassifier(**_trunk_config(**reference_kwargs), num_classes=num_classes)
     return _load(model, _map_state_dict(state_dict, _CLASSIFIER_RULES, {}, model, num_classes))
+
+
+# ----------------------------------------------------------------------------- SiT and Continuous AFM
+# SiT (and the CAFM reference built on it) runs time the other way: t = 1 is data and the network
+# predicts x0-minus-noise, so the reference calls it as `v = -SiT(x, 1 - t, y)`; its time sinusoid
+# takes t unscaled (DiT's takes t * 1000). Both flips are folded into the weights here, so the
+# converted models follow our convention with no flag (docs/method.md, "Continuous AFM"):
+# - the sinusoid of 1 - t is a fixed linear map of the sinusoid of t, which the time MLP's first
+#   layer absorbs (`_fold_time_flip`);
+# - the sign of the velocity goes into the output projection, whose `learn_sigma` half (SiT's
+#   variance channels, unused by a flow model) is dropped.
+
+
+def _fold_time_flip(weight: torch.Tensor) -> torch.Tensor:
+    """W' with `W' s(t) = W s(1 - t)` for SiT's sinusoid `s(t) = [cos(f t), sin(f t)]`.
+
+    `cos(f (1 - t)) = cos f cos(f t) + sin f sin(f t)` and `sin(f (1 - t)) = sin f cos(f t) - cos f sin(f t)`,
+    so `s(1 - t) = M s(t)` with `M = [[C, S], [S, -C]]`, `C = diag(cos f)`, `S = diag(sin f)`.
+    Computed in float64, then cast back.
+    """
+    half = TIME_PROJ_DIM // 2
+    if weight.shape[1] != TIME_PROJ_DIM:
+        raise ValueError(f"`t_embedder.mlp.0.weight` has shape {tuple(weight.shape)}; expected (D, {TIME_PROJ_DIM}).")
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    cos, sin = torch.cos(freqs), torch.sin(freqs)
+    w = weight.double()
+    w_cos, w_sin = w[:, :half], w[:, half:]
+    folded = torch.cat([w_cos * cos + w_sin * sin, w_cos * sin - w_sin * cos], dim=1)
+    return folded.to(weight.dtype)
+
+
+def _velocity_rows(tensor: torch.Tensor, out_channels: int, channels: int) -> torch.Tensor:
+    """SiT's output projection (rows `p * p * out_channels`, channel fastest) -> ours: the first
+    `channels` of each patch position (SiT's `x.chunk(2, dim=1)[0]` under `learn_sigma`), sign flipped."""
+    rows = tensor.reshape(-1, out_channels, *tensor.shape[1:])[:, :channels]
+    return -rows.reshape(-1, *tensor.shape[1:])
+
+
+_SIT_TIME_RULES = [
+    (r"t_embedder\.mlp\.0\.bias", "time_embed.timestep_embedder.linear_1.bias"),
+    (r"t_embedder\.mlp\.2\.(weight|bias)", r"time_embed.timestep_embedder.linear_2.\1"),
+]
+_SIT_TIME_TRANSFORMS = {r"t_embedder\.mlp\.0\.weight": ("time_embed.timestep_embedder.linear_1.weight", _fold_time_flip)}
+
+
+def _sit_kwargs(state_dict, num_classes, model_size, reference_kwargs) -> Tuple[dict, int]:
+    """Trunk kwargs and the number of real classes of a SiT-layout state dict: the label table has a
+    null row (SiT trains with class dropout 0.1), unless `num_classes` says it has none."""
+    if _LABEL_KEY not in state_dict:
+        raise ValueError(f"Not a SiT checkpoint: it has no `{_LABEL_KEY}` (SiT is class-conditional).")
+    rows = state_dict[_LABEL_KEY].shape[0]
+    num_classes = rows - 1 if num_classes is None else num_classes
+    if num_classes not in (rows, rows - 1):
+        raise ValueError(f"`num_classes`={num_classes} does not fit the label table of {rows} rows (allowed: {rows - 1} "
+                         f"real classes + the null class, or {rows} without one).")
+    kwargs = _with_inferred(state_dict, {"num_classes": rows, **reference_kwargs}, model_size)
+    kwargs.pop("num_classes")
+    kwargs.pop("learn_sigma", None)
+    kwargs.pop("class_dropout_prob", None)
+    return kwargs, num_classes
+
+
+def convert_sit_generator(
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    num_classes: Optional[int] = None,
+    model_size: Optional[str] = None,
+    **reference_kwargs,
+) -> FlowMatchingTransformer2DModel:
+    """A SiT state dict (the official `SiT-XL-2-256.pt`, or the CAFM reference's generator) as a
+    `FlowMatchingTransformer2DModel` in our time convention: `ours(x, t, y) == -SiT(x, 1 - t, y)`.
+
+    The shape is read off the weights (as for `convert_official_generator`: `model_size` or
+    `num_heads` for a size that is not a preset). `learn_sigma` is read off the output projection
+    (2C outputs) and its variance half dropped. `num_classes` defaults to the table's rows minus the
+    null class.
+    """
+    state_dict = strip_wrapper_prefixes(state_dict)
+    kwargs, num_classes = _sit_kwargs(state_dict, num_classes, model_size, reference_kwargs)
+    channels = kwargs["in_channels"]
+    try:
+        rows = state_dict["final_layer.linear.weight"].shape[0]
+    except KeyError:
+        raise ValueError("Not a SiT generator: it has no `final_layer.linear.weight`.") from None
+    per_position = rows // (kwargs["patch_size"] ** 2)
+    if per_position not in (channels, 2 * channels):
+        raise ValueError(f"`final_layer.linear.weight` has {rows} rows; a SiT of {channels} channels has "
+                         f"{kwargs['patch_size'] ** 2 * channels} (or twice that with learn_sigma).")
+    model = FlowMatchingTransformer2DModel(
+        **_trunk_config(**kwargs),
+        num_classes=num_classes,
+        class_dropout_prob=0.1 if num_classes == state_dict[_LABEL_KEY].shape[0] - 1 else 0.0,
+        time_scale=1.0,
+    )
+    velocity = lambda tensor: _velocity_rows(tensor, per_position, channels)  # noqa: E731
+    transforms = {
+        **_SIT_TIME_TRANSFORMS,
+        r"final_layer\.linear\.(weight|bias)": (r"proj_out.\1", velocity),
+        r"final_layer\.adaLN_modulation\.1\.(weight|bias)": (r"norm_out.linear.\1", _swap_halves),
+    }
+    rules = _TRUNK_RULES + [_LABEL_RULE] + _SIT_TIME_RULES
+    return _load(model, _map_state_dict(state_dict, rules, transforms, model, num_classes))
+
+
+def convert_cafm_discriminator(
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    num_classes: Optional[int] = None,
+    model_size: Optional[str] = None,
+    **reference_kwargs,
+) -> AdversarialFlowDiscriminator:
+    """The CAFM reference's SiT discriminator (RMSNorm blocks, `dis_embed` token, bias-free
+    `final_layer.1`) as an `AdversarialFlowDiscriminator(norm_type="rms_norm", use_timestep=True)`,
+    its time flipped as for `convert_sit_generator`."""
+    state_dict = strip_wrapper_prefixes(state_dict)
+    kwargs, num_classes = _sit_kwargs(state_dict, num_classes, model_size, reference_kwargs)
+    kwargs.pop("norm_type", None)
+    model = AdversarialFlowDiscriminator(
+        **_trunk_config(**kwargs),
+        num_classes=num_classes,
+        use_timestep=True,
+        norm_type="rms_norm",
+        use_null_class=num_classes == state_dict[_LABEL_KEY].shape[0] - 1,
+        time_scale=1.0,
+    )
+    rules = _TRUNK_RULES + [_LABEL_RULE, (r"dis_embed", "token"), (r"final_layer\.1\.weight", "proj_out.weight")]
+    return _load(model, _map_state_dict(state_dict, rules + _SIT_TIME_RULES, _SIT_TIME_TRANSFORMS, model, num_classes))

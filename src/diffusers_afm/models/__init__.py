@@ -1,10 +1,12 @@
 from .discriminator_afm import AdversarialFlowClassifier, AdversarialFlowDiscriminator
 from .transformer_afm import AFM_PRESETS, AdversarialFlowTransformer2DModel, preset_config
+from .transformer_flow import FlowMatchingTransformer2DModel
 
 __all__ = [
     "AFM_PRESETS",
     "AdversarialFlowClassifier",
     "AdversarialFlowDiscriminator",
     "AdversarialFlowTransformer2DModel",
+    "FlowMatchingTransformer2DModel",
     "preset_config",
 ]

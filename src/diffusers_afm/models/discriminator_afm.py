@@ -8,9 +8,13 @@ token's final state, layer-normalised without affine, is read out linearly (docs
 |---|---|---|
 | `AdversarialFlowDiscriminator` | class (+ time `t` when `use_timestep`) | 1 logit, no bias |
 | `AdversarialFlowClassifier` | time only | `num_classes` logits |
+
+The Continuous-AFM discriminator (docs/method.md, "Continuous AFM") is an
+`AdversarialFlowDiscriminator` with `norm_type="rms_norm"`, a null class row and the time input;
+its forward also returns the directional derivative along a tangent `(dx, dt)` (`tangents=`).
 """
 
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,15 +24,15 @@ from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import LabelEmbedding
 from diffusers.models.modeling_utils import ModelMixin
 
-from .modules import AFMTimestepEmbedding, AFMTrunkMixin, as_batch_timesteps
+from .modules import TIME_SCALE, AFMTimestepEmbedding, AFMTrunkMixin, as_batch_timesteps, make_norm, math_attention
 
 
 class AFMTokenReadoutMixin(AFMTrunkMixin):
     """Prepends a learnable token, runs the trunk and reads the token out through `norm_out` + `proj_out`."""
 
-    def _init_readout(self, inner_dim: int, out_features: int, bias: bool) -> None:
+    def _init_readout(self, inner_dim: int, out_features: int, bias: bool, norm_type: str = "layer_norm") -> None:
         self.token = nn.Parameter(torch.zeros(inner_dim))
-        self.norm_out = nn.LayerNorm(inner_dim, elementwise_affine=False, eps=1e-6)
+        self.norm_out = make_norm(norm_type, inner_dim)
         self.proj_out = nn.Linear(inner_dim, out_features, bias=bias)
 
     def _init_readout_weights(self) -> None:
@@ -44,10 +48,11 @@ class AFMTokenReadoutMixin(AFMTrunkMixin):
         hidden_states = self._run_blocks(hidden_states, temb)
         # The read-out runs in fp32 even under autocast: the approximated R1/R2 takes differences of
         # nearby logits, which bf16's 8-bit mantissa would round away.
-        token = hidden_states[:, 0].float()
-        bias = self.proj_out.bias.float() if self.proj_out.bias is not None else None
+        dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # fp32, or fp64 when the model is
+        token = hidden_states[:, 0].to(dtype)
+        bias = self.proj_out.bias.to(dtype) if self.proj_out.bias is not None else None
         with torch.autocast(device_type=token.device.type, enabled=False):
-            return F.linear(self.norm_out(token), self.proj_out.weight.float(), bias)  # (N, out_features)
+            return F.linear(self.norm_out(token), self.proj_out.weight.to(dtype), bias)  # (N, out_features)
 
 
 class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMTokenReadoutMixin):
@@ -60,6 +65,12 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
             generator's size).
         use_timestep (`bool`, defaults to `False`): condition on the target time `t` (multi-step and
             any-step models).
+        norm_type (`str`, defaults to `"layer_norm"`): the blocks' and the read-out's normalisation;
+            `"rms_norm"` for the Continuous-AFM discriminator.
+        use_null_class (`bool`, defaults to `False`): one more class row, the null class `num_classes`
+            of a flow model trained with class dropout (Continuous AFM).
+        time_scale (`float`, defaults to 1000.0): the time sinusoid embeds `t * time_scale` (1 for a
+            discriminator initialised from SiT).
     """
 
     _supports_gradient_checkpointing = True
@@ -79,14 +90,19 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         use_timestep: bool = False,
+        norm_type: str = "layer_norm",
+        use_null_class: bool = False,
+        time_scale: float = TIME_SCALE,
     ):
         super().__init__()
         inner_dim = self._init_trunk(
-            sample_size, patch_size, in_channels, num_layers, num_attention_heads, attention_head_dim, mlp_ratio
+            sample_size, patch_size, in_channels, num_layers, num_attention_heads, attention_head_dim, mlp_ratio,
+            norm_type,
         )
-        self.class_embedder = LabelEmbedding(num_classes, inner_dim, dropout_prob=0.0)
-        self.time_embed = AFMTimestepEmbedding(inner_dim) if use_timestep else None
-        self._init_readout(inner_dim, 1, bias=False)
+        # Any dropout_prob > 0 makes LabelEmbedding add the null row; the labels are never dropped here.
+        self.class_embedder = LabelEmbedding(num_classes, inner_dim, dropout_prob=0.1 if use_null_class else 0.0)
+        self.time_embed = AFMTimestepEmbedding(inner_dim, scale=time_scale) if use_timestep else None
+        self._init_readout(inner_dim, 1, bias=False, norm_type=norm_type)
         self._init_readout_weights()
         nn.init.normal_(self.class_embedder.embedding_table.weight, std=0.02)
 
@@ -96,8 +112,17 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         class_labels: torch.LongTensor,
         timestep: Union[float, torch.Tensor, None] = None,
         full_precision_samples: int = 0,
-    ) -> torch.Tensor:
+        tangents: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Returns the logits, shape `(batch,)`. `timestep` is the target time `t` (if `use_timestep`).
+
+        `tangents=(dx, dt)` returns `(D(x, t), dD)` instead, where `dD = d/de D(x + e dx, t + e dt)`
+        at e = 0 is the directional derivative that Continuous AFM trains on (`torch.func.jvp`).
+        `dx` of shape `(batch, C, H, W)` and `dt` of shape `(batch,)` give `dD` of shape `(batch,)`;
+        a stack of K tangents, `(K, batch, C, H, W)` and `(K, batch)`, gives `(K, batch)` from one
+        primal pass (`torch.func.vmap` over the tangents). Attention runs on the math kernel there
+        (`math_attention`: the fused kernels have no forward-mode AD). Being `forward`, it works
+        under DDP: the gradients of both outputs reach the parameters through one call.
 
         `full_precision_samples = k` runs the first k samples with autocast disabled (fp32 weights
         and activations; TF32 matmuls where torch's fp32 matmul precision allows it) and the rest
@@ -107,6 +132,10 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         it one call, so Accelerate's autocast wrapper and DDP see a single forward.
         """
         batch_size = hidden_states.shape[0]
+        if tangents is not None:
+            if full_precision_samples:
+                raise ValueError("`full_precision_samples` is for the AFM penalty; it cannot be combined with `tangents`.")
+            return self._logits_jvp(hidden_states, class_labels, timestep, tangents)
         if not 0 <= full_precision_samples <= batch_size:
             raise ValueError(f"`full_precision_samples` must be in [0, {batch_size}], got {full_precision_samples}.")
         if full_precision_samples == 0:
@@ -120,9 +149,83 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         tail = self._logits(hidden_states[k:], class_labels[k:], None if t is None else t[k:])
         return torch.cat([head, tail.float()])
 
+    # ------------------------------------------------------------------ Continuous AFM
+    # The keys the discriminator shares with the flow model it judges; the token and the head are its own.
+    _SHARED_WITH_FLOW_MODEL = ("pos_embed.", "transformer_blocks.", "class_embedder.", "time_embed.")
+
+    @classmethod
+    def for_flow_model(cls, flow_model, **overrides) -> "AdversarialFlowDiscriminator":
+        """The Continuous-AFM discriminator of a `FlowMatchingTransformer2DModel`: its trunk with
+        RMSNorm blocks, its class table (null row included) and time embedding, initialised from its
+        weights (`load_flow_model_weights`); the token and the bias-free head start fresh.
+        `overrides` change the config (e.g. a narrower trunk, which then starts fresh)."""
+        config = flow_model.config
+        kwargs = dict(
+            sample_size=config.sample_size, patch_size=config.patch_size, in_channels=config.in_channels,
+            num_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+            attention_head_dim=config.attention_head_dim, mlp_ratio=config.mlp_ratio,
+            num_classes=config.num_classes, use_timestep=True, norm_type="rms_norm",
+            use_null_class=config.class_dropout_prob > 0, time_scale=config.time_scale,
+        )
+        kwargs.update(overrides)
+        discriminator = cls(**kwargs)
+        if not overrides:
+            discriminator.load_flow_model_weights(flow_model)
+        return discriminator
+
+    def load_flow_model_weights(self, flow_model) -> None:
+        """Copy the trunk, class table and time embedding of a flow model (the reference loads the
+        SiT checkpoint into its discriminator with `strict=False`); every shared weight must fit."""
+        ours = self.state_dict()
+        theirs = flow_model.state_dict()
+        shared = {k: v for k, v in theirs.items() if k.startswith(self._SHARED_WITH_FLOW_MODEL)}
+        missing = [k for k in ours if k.startswith(self._SHARED_WITH_FLOW_MODEL) and k not in shared]
+        if missing:
+            raise ValueError(
+                f"The discriminator cannot be initialised from the flow model: it has `{missing[0]}` "
+                f"(and {len(missing) - 1} more) that the flow model lacks; give both the same trunk "
+                "(num_layers, heads, head dim, patch size) and the time input."
+            )
+        for key, value in shared.items():
+            if key not in ours or ours[key].shape != value.shape:
+                shape = tuple(ours[key].shape) if key in ours else "no such weight"
+                raise ValueError(
+                    f"The discriminator cannot be initialised from the flow model: its `{key}` is {shape}, the flow "
+                    f"model's is {tuple(value.shape)}; give both the same trunk, classes and null class."
+                )
+        self.load_state_dict(shared, strict=False)
+
+    def _logits_jvp(self, hidden_states, class_labels, timestep, tangents):
+        if not self.config.use_timestep:
+            raise ValueError("`tangents` need a time-conditioned discriminator (`use_timestep=True`).")
+        dx, dt = tangents
+        batch_size = hidden_states.shape[0]
+        t = as_batch_timesteps(timestep, batch_size, hidden_states.device, "timestep")
+        stacked = dx.ndim == hidden_states.ndim + 1
+        if dx.shape[-hidden_states.ndim:] != hidden_states.shape or dx.ndim not in (hidden_states.ndim, hidden_states.ndim + 1):
+            raise ValueError(
+                f"`tangents[0]` (dx) must have shape {tuple(hidden_states.shape)} or (K, *that), got {tuple(dx.shape)}."
+            )
+        dt = torch.as_tensor(dt, dtype=t.dtype, device=t.device)
+        if dt.shape != dx.shape[: 2 if stacked else 1]:
+            raise ValueError(f"`tangents[1]` (dt) must have shape {tuple(dx.shape[: 2 if stacked else 1])}, got {tuple(dt.shape)}.")
+
+        def logits(x, time):
+            return self._logits(x, class_labels, time)
+
+        def directional(dx_, dt_):
+            return torch.func.jvp(logits, (hidden_states, t), (dx_.to(hidden_states.dtype), dt_))
+
+        with math_attention(self):
+            if not stacked:
+                return directional(dx, dt)
+            out, derivative = torch.func.vmap(directional)(dx, dt)
+        return out[0], derivative  # the primal does not depend on the tangent: every row of `out` is D(x, t)
+
     def _logits(self, hidden_states, class_labels, timestep) -> torch.Tensor:
         hidden_states = self._embed_patches(hidden_states)
-        temb = self.class_embedder(class_labels).to(hidden_states.dtype)
+        # The table itself: LabelEmbedding.forward would drop labels in train mode (the trainer drops them).
+        temb = self.class_embedder.embedding_table(class_labels).to(hidden_states.dtype)
         if self.config.use_timestep:
             t = as_batch_timesteps(timestep, hidden_states.shape[0], hidden_states.device, "timestep")
             temb = temb + self.time_embed(t, hidden_states.dtype)

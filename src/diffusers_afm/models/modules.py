@@ -6,41 +6,60 @@ vector made of class and/or time embeddings. The pieces come from diffusers; thi
 them the way the reference checkpoints expect.
 """
 
+import contextlib
+import math
+
 import torch
 import torch.nn as nn
 from diffusers.models.attention import AttentionModuleMixin, FeedForward
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding
 from diffusers.models.normalization import AdaLayerNormZero
 
 # docs/method.md: "Time embeddings use t * 1000 (the original DiT scale) through a 256-d sinusoid".
+# SiT embeds t itself (scale 1); a model's `time_scale` config says which (docs/method.md, "CAFM").
 TIME_SCALE = 1000.0
 TIME_PROJ_DIM = 256
+NORM_TYPES = ("layer_norm", "rms_norm")
+
+
+def timestep_sinusoid(timestep: torch.Tensor, dim: int = TIME_PROJ_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """`[cos(t f_i), sin(t f_i)]` with `f_i = exp(-ln(max_period) * i / (dim / 2))`: diffusers'
+    `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)` op for op, in float32, but in
+    float64 for float64 times (the float64 parity and finite-difference checks need it)."""
+    dtype = torch.float64 if timestep.dtype == torch.float64 else torch.float32
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=dtype, device=timestep.device) / half
+    args = timestep.to(dtype)[:, None] * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class AFMTimestepEmbedding(nn.Module):
-    """Embeds a flow time t in [0, 1] as DiT does: `MLP(sinusoid(t * 1000))`.
+    """Embeds a flow time t in [0, 1] as DiT does: `MLP(sinusoid(t * scale))`, scale 1000 (DiT, AFM)
+    or 1 (SiT).
 
-    The sinusoid is `[cos, sin]` with frequencies `exp(-ln(10000) * i / 128)`, i.e. diffusers'
-    `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`; released checkpoints depend on it.
+    The sinusoid is `[cos, sin]` with frequencies `exp(-ln(10000) * i / 128)` (`timestep_sinusoid`);
+    released checkpoints depend on it.
     """
 
-    def __init__(self, embedding_dim: int):
+    def __init__(self, embedding_dim: int, scale: float = TIME_SCALE):
         super().__init__()
-        self.time_proj = Timesteps(TIME_PROJ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.scale = scale
         self.timestep_embedder = TimestepEmbedding(TIME_PROJ_DIM, embedding_dim)
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # The sinusoid is computed in fp32 (t * 1000 needs the precision), then cast for the MLP.
-        proj = self.time_proj(timestep.float() * TIME_SCALE)
+        # The sinusoid is computed in fp32 (t * 1000 needs the precision; fp64 stays), then cast for the MLP.
+        timestep = timestep if timestep.dtype == torch.float64 else timestep.float()
+        proj = timestep_sinusoid(timestep * self.scale)
         return self.timestep_embedder(proj.to(dtype))
 
 
 def as_batch_timesteps(timestep, batch_size: int, device: torch.device, name: str) -> torch.Tensor:
-    """A float, 0-d or (batch_size,) tensor of times as a (batch_size,) float32 tensor."""
+    """A float, 0-d or (batch_size,) tensor of times as a (batch_size,) float32 tensor (float64 stays float64)."""
     if timestep is None:
         raise ValueError(f"`{name}` is required by this model's config but was None.")
-    timestep = torch.as_tensor(timestep, device=device, dtype=torch.float32)
+    dtype = torch.float64 if isinstance(timestep, torch.Tensor) and timestep.dtype == torch.float64 else torch.float32
+    timestep = torch.as_tensor(timestep, device=device, dtype=dtype)
     if timestep.ndim == 0:
         timestep = timestep.expand(batch_size)
     if timestep.shape != (batch_size,):
@@ -68,6 +87,45 @@ class AFMAttnProcessor:
         return attn.to_out[0](hidden_states)
 
 
+@contextlib.contextmanager
+def math_attention(model: nn.Module):
+    """Run `model`'s attention with PyTorch's math SDPA kernel inside the block.
+
+    Forward-mode AD (`torch.func.jvp`, the CAFM discriminator's directional derivative) has no
+    formula for the fused kernels: on the CPU the default SDPA path is the flash kernel, which
+    raises "Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu"; the CUDA
+    flash, memory-efficient and cuDNN kernels and the flash-attn / sage packages have none either
+    (docs/performance.md, "Attention under forward-mode AD"). The math kernel is plain matmuls and a
+    softmax, which torch.func differentiates. A backend chosen with `set_attention_backend` is set
+    aside for the block and restored after it.
+    """
+    processors = [m.processor for m in model.modules() if isinstance(m, AFMAttention)]
+    saved = [p.__dict__.get("_attention_backend", _UNSET) for p in processors]
+    for processor in processors:
+        processor._attention_backend = AttentionBackendName._NATIVE_MATH
+    try:
+        yield
+    finally:
+        for processor, backend in zip(processors, saved):
+            if backend is _UNSET:
+                del processor._attention_backend
+            else:
+                processor._attention_backend = backend
+
+
+_UNSET = object()
+
+
+def make_norm(norm_type: str, dim: int) -> nn.Module:
+    """The blocks' parameter-free normalisation: LayerNorm (DiT, AFM) or RMSNorm (the CAFM
+    discriminator, the reference's `norm_type: rms`), eps 1e-6."""
+    if norm_type == "layer_norm":
+        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+    if norm_type == "rms_norm":
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+    raise ValueError(f"`norm_type` must be one of {NORM_TYPES}, got {norm_type!r}.")
+
+
 class AFMAttention(nn.Module, AttentionModuleMixin):
     """Multi-head self-attention with biased q/k/v projections (the reference's fused `qkv`, split)."""
 
@@ -92,11 +150,14 @@ class AFMAttention(nn.Module, AttentionModuleMixin):
 class AFMTransformerBlock(nn.Module):
     """A DiT block: adaLN-Zero modulated attention and GELU-tanh MLP, both gated residuals."""
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float = 4.0,
+                 norm_type: str = "layer_norm"):
         super().__init__()
         self.norm1 = AdaLayerNormZero(dim)  # SiLU -> Linear(D, 6D); LayerNorm without affine, eps 1e-6
+        if norm_type != "layer_norm":
+            self.norm1.norm = make_norm(norm_type, dim)  # the same modulation around another norm
         self.attn = AFMAttention(dim, num_attention_heads, attention_head_dim)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = make_norm(norm_type, dim)
         self.ff = FeedForward(dim, inner_dim=int(dim * mlp_ratio), activation_fn="gelu-approximate")
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -123,7 +184,10 @@ class AFMTrunkMixin:
         num_attention_heads: int,
         attention_head_dim: int,
         mlp_ratio: float,
+        norm_type: str = "layer_norm",
     ) -> int:
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"`norm_type` must be one of {NORM_TYPES}, got {norm_type!r}.")
         inner_dim = num_attention_heads * attention_head_dim
         # base_size = grid size, so positions are not rescaled: the fixed sin-cos table of DiT.
         self.pos_embed = PatchEmbed(
@@ -135,7 +199,7 @@ class AFMTrunkMixin:
         )
         self.transformer_blocks = nn.ModuleList(
             [
-                AFMTransformerBlock(inner_dim, num_attention_heads, attention_head_dim, mlp_ratio)
+                AFMTransformerBlock(inner_dim, num_attention_heads, attention_head_dim, mlp_ratio, norm_type)
                 for _ in range(num_layers)
             ]
         )
@@ -194,11 +258,15 @@ def unpatchify(hidden_states: torch.Tensor, patch_size: int, channels: int, heig
 
 
 __all__ = [
+    "NORM_TYPES",
     "AFMAttention",
     "AFMAttnProcessor",
     "AFMTimestepEmbedding",
     "AFMTransformerBlock",
     "AFMTrunkMixin",
     "as_batch_timesteps",
+    "make_norm",
+    "math_attention",
+    "timestep_sinusoid",
     "unpatchify",
 ]

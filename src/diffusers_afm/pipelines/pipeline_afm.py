@@ -1,11 +1,16 @@
-"""`AFMPipeline`: sampling from an Adversarial Flow Model (class-conditional or unconditional).
+"""`AFMPipeline`: sampling from an Adversarial Flow Model (class-conditional or unconditional), or
+from a flow-matching velocity model (a SiT, or one post-trained with Continuous AFM).
 
 A 1-NFE model is one generator forward pass from noise to a latent (or pixel) image, then the VAE
 decode; multi-step and any-step models apply the step rule of `diffusers_afm.flow` N times.
 
-There is no `guidance_scale`: AFM has no classifier-free guidance to scale at sampling time. A
+AFM models take no `guidance_scale`: AFM has no classifier-free guidance to scale at sampling time. A
 "guided" model had classifier guidance trained into its generator (docs/method.md, "Classifier
 guidance"), so guided and guidance-free models sample the same way, in one pass per step.
+
+Flow-matching models (`FlowMatchingTransformer2DModel`) integrate their ODE with `solver="euler"` or
+`"heun"` over any `num_inference_steps`, with classifier-free guidance (`guidance_scale`, 1 = off)
+through their null class (docs/method.md, "Continuous AFM").
 
 Fast sampling on a GPU (docs/performance.md): load in bf16 (`dtype=torch.bfloat16`), put the VAE in
 channels-last (`pipe.vae.to(memory_format=torch.channels_last)`), and for 1-NFE sampling at a fixed
@@ -22,8 +27,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-from ..flow import sample
-from ..models import AdversarialFlowTransformer2DModel
+from ..flow import check_solver, guided_velocity, sample, solve_ode
+from ..models import AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 ClassLabels = Union[int, str, List[Union[int, str]], torch.Tensor]
@@ -33,9 +38,21 @@ def _normalize_name(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").split())
 
 
+# Flow-matching models: the defaults of a call without `num_inference_steps` / `solver`.
+DEFAULT_FLOW_STEPS = 50
+DEFAULT_FLOW_SOLVER = "euler"
+
+
+def is_flow_model(transformer) -> bool:
+    """Whether the transformer is a flow-matching velocity model (by class name, so that the copies
+    of an exported folder answer as the installed classes do)."""
+    return type(transformer).__name__ == "FlowMatchingTransformer2DModel"
+
+
 def allowed_num_inference_steps(config) -> Optional[int]:
-    """The step count a model supports: its trained `nfe`, or `None` (any) for an any-step model."""
-    return config.nfe
+    """The step count a model supports: its trained `nfe`, or `None` (any) for an any-step model
+    and for a flow-matching model."""
+    return getattr(config, "nfe", None)
 
 
 class AFMPipeline(DiffusionPipeline):
@@ -47,7 +64,8 @@ class AFMPipeline(DiffusionPipeline):
     generator, so there is nothing to scale at sampling time (see the module docstring).
 
     Args:
-        transformer ([`AdversarialFlowTransformer2DModel`]): the generator.
+        transformer ([`AdversarialFlowTransformer2DModel`] or [`FlowMatchingTransformer2DModel`]): the
+            AFM generator, or a flow-matching velocity model.
         vae ([`AutoencoderKL`], *optional*): decodes latents to images; `None` for a pixel-space model.
         id2label (`dict`, *optional*): class id -> name (comma-separated synonyms allowed, as in
             ImageNet's "tench, Tinca tinca"); stored in `model_index.json`, used to look labels up by name.
@@ -59,7 +77,7 @@ class AFMPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: AdversarialFlowTransformer2DModel,
+        transformer: Union[AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel],
         vae: Optional[AutoencoderKL] = None,
         id2label: Optional[Dict[Union[int, str], str]] = None,
     ):
@@ -103,12 +121,14 @@ class AFMPipeline(DiffusionPipeline):
         the copies (the export leaves this method out of them).
         """
         config = super()._dict_from_json_file(json_file)
-        module = AdversarialFlowTransformer2DModel.__module__  # its copy is named after its file
+        # Each copy is named after the file of its class's module.
+        modules = {cls.__module__.rsplit(".", 1)[-1]: cls.__module__
+                   for cls in (AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel)}
         if isinstance(config.get("_class_name"), list):
             config["_class_name"] = config["_class_name"][1]
         for name, entry in config.items():
-            if isinstance(entry, list) and len(entry) == 2 and entry[0] == module.rsplit(".", 1)[-1]:
-                config[name] = [module, entry[1]]
+            if isinstance(entry, list) and len(entry) == 2 and entry[0] in modules:
+                config[name] = [modules[entry[0]], entry[1]]
         return config
 
     # ------------------------------------------------------------------ labels
@@ -228,6 +248,8 @@ class AFMPipeline(DiffusionPipeline):
         num_inference_steps: int,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: Sequence[str] = (),
+        guidance_scale: float = 1.0,
+        solver: str = DEFAULT_FLOW_SOLVER,
     ) -> torch.Tensor:
         """N-step sampling (docs/method.md, "Sampling with N steps") from the noise `latents` (float32) to
         the final latents (float32), on the time grid and with the step rule of `diffusers_afm.flow`.
@@ -245,6 +267,16 @@ class AFMPipeline(DiffusionPipeline):
             callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
             return callback_on_step_end(self, i, s, callback_kwargs).pop("latents", x_t)
 
+        if is_flow_model(self.transformer):
+            velocity = guided_velocity(
+                lambda x, t, labels: self.transformer(x.to(dtype), t, labels).sample.float(),
+                class_ids, self.transformer.null_class_id, guidance_scale,
+            )
+            return solve_ode(
+                velocity, latents, num_inference_steps, solver,
+                progress=self.progress_bar if num_inference_steps > 1 else None,
+                on_step_end=on_step_end if callback_on_step_end is not None else None,
+            )
         return sample(
             model_fn, latents, num_inference_steps, self.transformer.config.prediction_type,
             progress=self.progress_bar if num_inference_steps > 1 else None,
@@ -277,8 +309,8 @@ class AFMPipeline(DiffusionPipeline):
                 "move it first with `pipe.to('cuda')`."
             )
         config = self.transformer.config
-        if allowed_num_inference_steps(config) not in (1, None):
-            raise ValueError(f"`enable_cuda_graph` is for 1-step sampling; this model samples in {config.nfe} steps.")
+        if is_flow_model(self.transformer) or allowed_num_inference_steps(config) not in (1, None):
+            raise ValueError("`enable_cuda_graph` is for 1-step sampling, which this model does not do.")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
@@ -292,13 +324,31 @@ class AFMPipeline(DiffusionPipeline):
         self._cuda_graph = None
 
     # ------------------------------------------------------------------ call
-    def check_inputs(self, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale):
-        if guidance_scale is not None:
-            raise ValueError(
-                "`guidance_scale` is not an AFMPipeline argument: AFM has no classifier-free guidance to scale. "
-                "A guided model had classifier guidance trained into its generator and samples like any other; "
-                "to sample with guidance, load a guided checkpoint."
-            )
+    def check_inputs(self, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
+                     solver=None, num_inference_steps=None):
+        if is_flow_model(self.transformer):
+            check_solver(DEFAULT_FLOW_SOLVER if solver is None else solver,
+                         DEFAULT_FLOW_STEPS if num_inference_steps is None else num_inference_steps)
+            if guidance_scale is not None:
+                if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+                    raise ValueError(f"`guidance_scale` must be a number >= 0 (1 = no guidance), got {guidance_scale!r}.")
+                if guidance_scale != 1 and self.transformer.null_class_id is None:
+                    raise ValueError(
+                        f"`guidance_scale`={guidance_scale} needs a model trained with class dropout (a null class); "
+                        "this one has none: allowed: 1 (no guidance)."
+                    )
+        else:
+            if guidance_scale is not None:
+                raise ValueError(
+                    "`guidance_scale` is not an argument for AFM models: AFM has no classifier-free guidance to scale. "
+                    "A guided model had classifier guidance trained into its generator and samples like any other; "
+                    "to sample with guidance, load a guided checkpoint. (Flow-matching models take it.)"
+                )
+            if solver is not None:
+                raise ValueError(
+                    "`solver` is not an argument for AFM models: their step rule is fixed by their training. "
+                    f"(Flow-matching models take 'euler' or 'heun'.)"
+                )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
@@ -324,6 +374,7 @@ class AFMPipeline(DiffusionPipeline):
         callback_on_step_end: Union[Callable, PipelineCallback, MultiPipelineCallbacks, None] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
         guidance_scale: Optional[float] = None,
+        solver: Optional[str] = None,
     ) -> Union[ImagePipelineOutput, tuple]:
         r"""
         Generate `num_images_per_label` images per class label, or `batch_size` images from an
@@ -333,7 +384,8 @@ class AFMPipeline(DiffusionPipeline):
             class_labels (`int`, `str`, or a list of them, or a tensor): class ids or class names; required
                 for a class-conditional model, optional (class 0) for an unconditional one.
             num_inference_steps (`int`, *optional*): generator steps; defaults to the number the model was
-                trained for (`transformer.config.nfe`, or 1 for an any-step model).
+                trained for (`transformer.config.nfe`, or 1 for an any-step model). For a flow-matching
+                model, the solver's steps over [1, 0] (default 50; Heun evaluates the model twice per step).
             generator (`torch.Generator` or a list, *optional*): makes sampling deterministic.
             latents (`torch.Tensor`, *optional*): the initial noise, shape `(batch, C, H, W)`.
             output_type (`str`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
@@ -350,15 +402,24 @@ class AFMPipeline(DiffusionPipeline):
                 replace them.
             callback_on_step_end_tensor_inputs (`List[str]`, defaults to `["latents"]`): the tensors passed
                 to the callback; allowed: `pipe._callback_tensor_inputs`.
-            guidance_scale: not supported; passing any value raises a `ValueError`. AFM has no
-                classifier-free guidance: a guided model has the guidance trained in.
+            guidance_scale (`float`, *optional*): flow-matching models only: the classifier-free guidance
+                scale w in `v_null + w (v_c - v_null)` (default 1: no guidance). AFM models have no
+                classifier-free guidance (a guided AFM model has the guidance trained in): any value
+                raises a `ValueError`.
+            solver (`str`, *optional*): flow-matching models only: `"euler"` (default) or `"heun"`.
         """
         # 0. Check inputs before any work
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale)
+        self.check_inputs(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
+                          solver, num_inference_steps)
         config = self.transformer.config
         trained_steps = allowed_num_inference_steps(config)
+        flow_kwargs = {}
+        if is_flow_model(self.transformer):
+            flow_kwargs = dict(guidance_scale=1.0 if guidance_scale is None else float(guidance_scale),
+                               solver=solver or DEFAULT_FLOW_SOLVER)
+            num_inference_steps = DEFAULT_FLOW_STEPS if num_inference_steps is None else num_inference_steps
         if num_inference_steps is None:
             num_inference_steps = trained_steps or 1
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -391,7 +452,8 @@ class AFMPipeline(DiffusionPipeline):
             image = graph(latents, class_ids)
         else:
             latents = self._denoise(
-                latents, class_ids, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
+                latents, class_ids, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                **flow_kwargs,
             )
             image = latents if output_type == "latent" else self._decode(latents)
         if output_type != "latent":
@@ -436,12 +498,14 @@ def class_grid(
     min_size: int = 64,
     gap: int = 4,
     label_rows: bool = False,
+    **sample_kwargs,
 ):
     """A PIL grid with one row per class (up to `num_rows` classes, evenly spaced), from fixed noise.
 
     Images smaller than `min_size` (the 8x8 digits) are enlarged with nearest-neighbour, and a
     `gap` of white separates them, so the grid is readable. `label_rows` writes each row's class
-    name (its first synonym in `id2label`, else the id) to its left.
+    name (its first synonym in `id2label`, else the id) to its left. `sample_kwargs` go to the
+    pipeline call (a flow model's `num_inference_steps`, `solver`, `guidance_scale`).
     """
     import PIL.Image
     import PIL.ImageDraw
@@ -450,7 +514,8 @@ def class_grid(
     rows = min(num_classes, num_rows)
     classes = [i * num_classes // rows for i in range(rows)]
     images = pipeline(
-        class_labels=classes, num_images_per_label=per_class, generator=torch.Generator().manual_seed(seed), output_type="pil"
+        class_labels=classes, num_images_per_label=per_class, generator=torch.Generator().manual_seed(seed),
+        output_type="pil", **sample_kwargs,
     ).images
     size = images[0].size[0]
     if size < min_size:

@@ -1,0 +1,275 @@
+"""Continuous AFM: adversarial post-training of a flow-matching model (docs/method.md, "Continuous AFM").
+
+The discriminator `D(x_t, t, c)` is judged by its directional derivative along a velocity,
+`dD[v] = d/de D(x_t + e v, t + e) |_{e=0}` (a JVP with tangent `(v, 1)`):
+
+D step:  L_D = mean (dD[v_real] - 1)^2 + mean (dD[v_pred] + 1)^2 + cp_scale * mean D(x_t)^2
+G step:  L_G = mean (dD[v_pred] - 1)^2 + ot_scale * mean v_pred^2
+
+with `x_t = (1 - t) x0 + t z`, `v_real = z - x0`, `v_pred = v(x_t, t, c)`. The first `warmup`
+iterations are D steps; after them, N out of every N + 1 iterations are D steps and one is a G step.
+Each iteration draws its own batch, and counts as one training step (for checkpoints, schedules and
+logs), as in the reference trainer.
+
+`CAFMTrainingStep` is the one place where the two networks and the losses meet; the trainer
+(`examples/train_cafm.py`), the toy experiments and the tests call it. Plain flow matching (the
+baseline CAFM starts from) is `flow_matching_loss` with `FlowMatchingTrainingStep`.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from ..flow import interpolate
+from .ema import ModelEMA
+from .step import without_ddp
+
+TIME_SAMPLINGS = ("uniform", "logit_normal", "logit_normal_jit")
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def cafm_discriminator_loss(
+    logits: torch.Tensor, derivative_real: torch.Tensor, derivative_fake: torch.Tensor, cp_scale: float
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Least squares on the directional derivatives (real -> +1, fake -> -1) plus logit centering
+    `cp_scale * mean D(x_t)^2`; returns the loss and its parts (detached) for logging."""
+    adversarial = (derivative_real.float() - 1).square().mean() + (derivative_fake.float() + 1).square().mean()
+    centering = cp_scale * logits.float().square().mean()
+    loss = adversarial + centering
+    return loss, {
+        "loss_d": loss.detach(),
+        "loss_d_adv": adversarial.detach(),
+        "loss_cp": centering.detach(),
+        "derivative_real": derivative_real.detach().float().mean(),
+        "derivative_fake": derivative_fake.detach().float().mean(),
+        "logits": logits.detach().float().mean(),
+    }
+
+
+def cafm_generator_loss(
+    derivative_fake: torch.Tensor, velocity_pred: torch.Tensor, ot_scale: float
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """`mean (dD[v_pred] - 1)^2 + ot_scale * mean v_pred^2`, and its parts for logging."""
+    adversarial = (derivative_fake.float() - 1).square().mean()
+    ot = ot_scale * velocity_pred.float().square().mean()
+    loss = adversarial + ot
+    return loss, {
+        "loss_g": loss.detach(),
+        "loss_g_adv": adversarial.detach(),
+        "loss_ot": ot.detach(),
+        "derivative_fake_g": derivative_fake.detach().float().mean(),
+    }
+
+
+def flow_matching_loss(velocity_pred: torch.Tensor, velocity_real: torch.Tensor) -> torch.Tensor:
+    """Rectified flow matching: `mean (v(x_t, t) - (z - x0))^2`."""
+    return (velocity_pred.float() - velocity_real.float()).square().mean()
+
+
+def is_discriminator_step(step: int, warmup: int, num_discriminator_steps: int) -> bool:
+    """The reference's schedule: every iteration `step <= warmup` is a D step; then `step % (N + 1) < N`."""
+    return step <= warmup or step % (num_discriminator_steps + 1) < num_discriminator_steps
+
+
+def sample_times(batch_size: int, sampling: str, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Flow times `t` (1 = noise): `"uniform"` U(0, 1); `"logit_normal"` sigmoid(N(0, 1)); `"logit_normal_jit"`
+    sigmoid(0.8 N(0, 1) + 0.8), JiT's (its shift is +0.8 because t = 1 is noise here)."""
+    if sampling == "uniform":
+        return torch.rand(batch_size, device=device, generator=generator)
+    if sampling == "logit_normal":
+        return torch.randn(batch_size, device=device, generator=generator).sigmoid()
+    if sampling == "logit_normal_jit":
+        return torch.randn(batch_size, device=device, generator=generator).mul(0.8).add(0.8).sigmoid()
+    raise ValueError(f"`time_sampling` must be one of {TIME_SAMPLINGS}, got {sampling!r}.")
+
+
+def drop_class_labels(class_labels: torch.LongTensor, null_class_id: Optional[int], probability: float,
+                      generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+    """Replace each label by the null class with `probability` (classifier-free guidance training)."""
+    if probability == 0 or null_class_id is None:
+        return class_labels
+    keep = torch.rand(class_labels.shape[0], device=class_labels.device, generator=generator) >= probability
+    return torch.where(keep, class_labels, torch.full_like(class_labels, null_class_id))
+
+
+def _velocity(output) -> torch.Tensor:
+    """Our transformer returns an output object; toy MLPs return a tensor."""
+    return output.sample if hasattr(output, "sample") else output
+
+
+# ----------------------------------------------------------------------------- the step
+@dataclass
+class CAFMObjective:
+    """The CAFM settings; the defaults are the reference's SiT-XL/2 recipe (docs/method.md)."""
+
+    cp_scale: float = 0.001
+    ot_scale: float = 0.0
+    num_discriminator_steps: int = 16  # N
+    warmup: int = 10_000  # discriminator-only iterations at the start
+    time_sampling: str = "uniform"
+    class_dropout_prob: float = 0.1
+
+    def __post_init__(self):
+        for name in ("cp_scale", "ot_scale", "warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if not isinstance(self.num_discriminator_steps, int) or self.num_discriminator_steps < 1:
+            raise ValueError(f"`num_discriminator_steps` must be an integer >= 1, got {self.num_discriminator_steps!r}.")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"`time_sampling` must be one of {TIME_SAMPLINGS}, got {self.time_sampling!r}.")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ValueError(f"`class_dropout_prob` must be in [0, 1), got {self.class_dropout_prob}.")
+
+
+class CAFMTrainingStep:
+    """One CAFM iteration: a D step or a G step, as `is_discriminator_step` says.
+
+    Args:
+        accelerator: the `accelerate.Accelerator` that prepared the networks and optimizers.
+        generator: the flow model `v(x_t, t, c)` (a `FlowMatchingTransformer2DModel` or a toy MLP).
+        discriminator: `D(x, c, t, tangents=(dx, dt)) -> (D, dD)` (an `AdversarialFlowDiscriminator`
+            with `use_timestep=True`, or a toy).
+        optimizer_g, optimizer_d: their optimizers (prepared).
+        objective: the `CAFMObjective`.
+        ema: the generator's `ModelEMA`, updated with `ema_decay` after every G update.
+        max_grad_norm_g, max_grad_norm_d: clipping (the reference's 10,000: effectively off).
+        null_class_id: the label that class dropout substitutes (None: no dropout).
+        noise_generator: the `torch.Generator` of every draw (labels, times, noise), checkpointed by the caller.
+    """
+
+    def __init__(
+        self,
+        accelerator,
+        generator: torch.nn.Module,
+        discriminator: torch.nn.Module,
+        optimizer_g: torch.optim.Optimizer,
+        optimizer_d: torch.optim.Optimizer,
+        objective: CAFMObjective,
+        ema: Optional[ModelEMA] = None,
+        ema_decay: float = 0.99,
+        max_grad_norm_g: Optional[float] = 10_000.0,
+        max_grad_norm_d: Optional[float] = 10_000.0,
+        null_class_id: Optional[int] = None,
+        noise_generator: Optional[torch.Generator] = None,
+    ):
+        self.accelerator = accelerator
+        self.generator, self.discriminator = generator, discriminator
+        self.optimizer_g, self.optimizer_d = optimizer_g, optimizer_d
+        self.objective = objective
+        self.ema, self.ema_decay = ema, ema_decay
+        self.max_grad_norm_g, self.max_grad_norm_d = max_grad_norm_g, max_grad_norm_d
+        self.null_class_id = null_class_id
+        self.rng = noise_generator
+
+    def is_discriminator_step(self, step: int) -> bool:
+        return is_discriminator_step(step, self.objective.warmup, self.objective.num_discriminator_steps)
+
+    def draw(self, x0: torch.Tensor, class_labels: torch.LongTensor):
+        """The iteration's random inputs, in the reference's order: dropped labels, times, noise."""
+        labels = drop_class_labels(class_labels, self.null_class_id, self.objective.class_dropout_prob, self.rng)
+        t = sample_times(x0.shape[0], self.objective.time_sampling, x0.device, self.rng)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self.rng)
+        return labels, t, noise
+
+    def __call__(self, x0: torch.Tensor, class_labels: torch.LongTensor, step: int) -> Dict[str, torch.Tensor]:
+        """Iteration `step` (0-based) on the batch `(x0, class_labels)`; returns its logs (tensors)."""
+        labels, t, noise = self.draw(x0, class_labels)
+        if self.is_discriminator_step(step):
+            with self.accelerator.accumulate(self.discriminator):
+                return self.discriminator_step(x0, labels, noise, t)
+        with self.accelerator.accumulate(self.generator):
+            logs = self.generator_step(x0, labels, noise, t)
+            if self.ema is not None and self.accelerator.sync_gradients:
+                self.ema.update(self.generator, self.ema_decay)
+        return logs
+
+    # ---------------------------------------------------------------- objectives (no optimizer)
+    def discriminator_objective(self, x0, labels, noise, t) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The D loss: one primal pass of D, the real and fake tangents vmapped through it."""
+        x_t = interpolate(x0, noise, t)
+        velocity_real = noise - x0
+        with torch.no_grad(), self.accelerator.autocast():
+            # The generator's forward skips DDP's wrapper: nothing flows back to it.
+            velocity_pred = _velocity(without_ddp(self.generator)(x_t, t, labels)).float()
+        tangents = (torch.stack([velocity_real, velocity_pred]), torch.ones(2, x0.shape[0], device=x0.device, dtype=t.dtype))
+        with self.accelerator.autocast():
+            logits, derivatives = self.discriminator(x_t, labels, t, tangents=tangents)
+        return cafm_discriminator_loss(logits, derivatives[0], derivatives[1], self.objective.cp_scale)
+
+    def generator_objective(self, x0, labels, noise, t) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+        """The G loss through the frozen D's directional derivative along `(v_pred, 1)`; the caller
+        freezes D (`generator_step` does)."""
+        x_t = interpolate(x0, noise, t)
+        with self.accelerator.autocast():
+            velocity_pred = _velocity(self.generator(x_t, t, labels)).float()
+            critic = without_ddp(self.discriminator)  # frozen: nothing to synchronise
+            _, derivative_fake = critic(x_t, labels, t, tangents=(velocity_pred, torch.ones_like(t)))
+        loss, logs = cafm_generator_loss(derivative_fake, velocity_pred, self.objective.ot_scale)
+        return loss, logs, velocity_pred
+
+    # ---------------------------------------------------------------- steps
+    def _clip(self, model, max_norm) -> Optional[torch.Tensor]:
+        if not self.accelerator.sync_gradients or not max_norm:
+            return None
+        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+    def discriminator_step(self, x0, labels, noise, t) -> Dict[str, torch.Tensor]:
+        loss, logs = self.discriminator_objective(x0, labels, noise, t)
+        self.accelerator.backward(loss)
+        grad_norm = self._clip(self.discriminator, self.max_grad_norm_d)
+        if grad_norm is not None:
+            logs["grad_norm_d"] = grad_norm
+        self.optimizer_d.step()
+        self.optimizer_d.zero_grad(set_to_none=True)
+        return logs
+
+    def generator_step(self, x0, labels, noise, t) -> Dict[str, torch.Tensor]:
+        critic = without_ddp(self.discriminator).requires_grad_(False)
+        try:
+            loss, logs, _ = self.generator_objective(x0, labels, noise, t)
+            self.accelerator.backward(loss)
+        finally:
+            critic.requires_grad_(True)
+        grad_norm = self._clip(self.generator, self.max_grad_norm_g)
+        if grad_norm is not None:
+            logs["grad_norm_g"] = grad_norm
+        self.optimizer_g.step()
+        self.optimizer_g.zero_grad(set_to_none=True)
+        return logs
+
+
+class FlowMatchingTrainingStep:
+    """One step of plain rectified flow matching (the baseline CAFM post-trains), with class dropout."""
+
+    def __init__(self, accelerator, model, optimizer, ema: Optional[ModelEMA] = None,
+                 ema_decay: Union[float, "callable"] = 0.9999, max_grad_norm: Optional[float] = 1.0,
+                 time_sampling: str = "uniform", class_dropout_prob: float = 0.1,
+                 null_class_id: Optional[int] = None, noise_generator: Optional[torch.Generator] = None):
+        if time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"`time_sampling` must be one of {TIME_SAMPLINGS}, got {time_sampling!r}.")
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.ema = ema
+        self.ema_decay = ema_decay if callable(ema_decay) else (lambda step, d=ema_decay: d)
+        self.max_grad_norm = max_grad_norm
+        self.time_sampling, self.class_dropout_prob = time_sampling, class_dropout_prob
+        self.null_class_id = null_class_id
+        self.rng = noise_generator
+
+    def __call__(self, x0: torch.Tensor, class_labels: torch.LongTensor, step: int) -> Dict[str, torch.Tensor]:
+        labels = drop_class_labels(class_labels, self.null_class_id, self.class_dropout_prob, self.rng)
+        t = sample_times(x0.shape[0], self.time_sampling, x0.device, self.rng)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self.rng)
+        with self.accelerator.accumulate(self.model):
+            with self.accelerator.autocast():
+                velocity_pred = _velocity(self.model(interpolate(x0, noise, t), t, labels))
+            loss = flow_matching_loss(velocity_pred, noise - x0)
+            self.accelerator.backward(loss)
+            logs = {"loss": loss.detach()}
+            if self.accelerator.sync_gradients and self.max_grad_norm:
+                logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None and self.accelerator.sync_gradients:
+                self.ema.update(self.model, self.ema_decay(step))
+        return logs
