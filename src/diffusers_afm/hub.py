@@ -20,6 +20,8 @@ from .utils import atomic_file
 
 PROJECT_URL = "https://github.com/diffusers-afm/diffusers-afm"
 PAPER_URL = "https://arxiv.org/abs/2511.22475"
+CAFM_PAPER_URL = "https://arxiv.org/abs/2604.11521"
+FLOW_MODEL_CLASS = "FlowMatchingTransformer2DModel"
 
 # A Jinja template (huggingface_hub renders it); `card_data` is the YAML metadata block.
 CARD_TEMPLATE = """---
@@ -43,7 +45,7 @@ With [diffusers-afm]({{ project_url }}) installed (`pip install git+{{ project_u
 `import diffusers_afm` also makes `diffusers.DiffusionPipeline.from_pretrained` load this folder.
 {% else %}
 Without diffusers-afm: this folder carries generated copies of its code (`pipeline_afm.py`,
-`transformer/transformer_afm.py`), which diffusers runs once you allow it:
+`transformer/{{ transformer_file }}`), which diffusers runs once you allow it:
 
 ```python
 {{ standalone_snippet }}
@@ -74,7 +76,9 @@ Without diffusers-afm: this folder carries generated copies of its code (`pipeli
 ## Citation
 
 Adversarial Flow Models, Lin, Yang, Lin, Chen and Fan, 2025 ([arXiv 2511.22475]({{ paper_url }})).
-"""
+{% if cafm %}
+Continuous Adversarial Flow Models, Lin, Yang, Lin, Chen and Fan, 2026 ([arXiv 2604.11521]({{ cafm_paper_url }})).
+{% endif %}"""
 
 
 def _read_json(path: str) -> dict:
@@ -107,11 +111,19 @@ def _is_hub_dataset(dataset: str) -> bool:
     return True
 
 
-def _snippet(repo_id: str, config: dict, standalone: bool) -> str:
+def _is_flow(index: dict) -> bool:
+    return isinstance(index.get("transformer"), list) and index["transformer"][1] == FLOW_MODEL_CLASS
+
+
+def _snippet(repo_id: str, config: dict, standalone: bool, flow: bool = False) -> str:
     num_classes = config["num_classes"]
     if num_classes > 1:
         labels = sorted({i * num_classes // 3 for i in range(min(3, num_classes))})
-        call = f"pipe(class_labels={labels}, generator=torch.Generator().manual_seed(0)).images"
+        sampling = ""
+        if flow:
+            guidance = ", guidance_scale=1.5" if config.get("class_dropout_prob", 0) > 0 else ""
+            sampling = f", num_inference_steps=50, solver=\"heun\"{guidance}"
+        call = f"pipe(class_labels={labels}{sampling}, generator=torch.Generator().manual_seed(0)).images"
     else:
         call = "pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images"
     if standalone:
@@ -126,9 +138,6 @@ def _snippet(repo_id: str, config: dict, standalone: bool) -> str:
 def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], description: Optional[str]) -> str:
     num_classes = config["num_classes"]
     kind = f"class-conditional ({num_classes} classes)" if num_classes > 1 else "unconditional"
-    nfe = config["nfe"]
-    steps = "any number of steps" if nfe is None else ("1 step (one forward pass)" if nfe == 1 else f"{nfe} steps")
-    prediction = {"sample": "x-prediction", "velocity": "v-prediction"}[config["prediction_type"]]
     size = config["sample_size"]
     if index.get("vae", [None])[0] is not None:
         vae_config = _read_json(os.path.join(folder, "vae", "config.json"))
@@ -138,10 +147,19 @@ def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], des
         space = f"in pixel space ({size}x{size} images)"
     count = _num_parameters(os.path.join(folder, "transformer"))
     count = f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
-    text = (
-        f"A {kind} [Adversarial Flow Model]({PAPER_URL}) that samples in {steps} with {prediction}, {space}; "
-        f"a {count}-parameter generator, made with [diffusers-afm]({PROJECT_URL})."
-    )
+    if _is_flow(index):
+        text = (
+            f"A {kind} flow-matching velocity model that samples with an ODE solver (Euler or Heun, any number of "
+            f"steps) {space}; {count} parameters, made with [diffusers-afm]({PROJECT_URL})."
+        )
+    else:
+        nfe = config["nfe"]
+        steps = "any number of steps" if nfe is None else ("1 step (one forward pass)" if nfe == 1 else f"{nfe} steps")
+        prediction = {"sample": "x-prediction", "velocity": "v-prediction"}[config["prediction_type"]]
+        text = (
+            f"A {kind} [Adversarial Flow Model]({PAPER_URL}) that samples in {steps} with {prediction}, {space}; "
+            f"a {count}-parameter generator, made with [diffusers-afm]({PROJECT_URL})."
+        )
     if dataset:
         text += f" Trained on `{dataset}`."
     if description:
@@ -149,7 +167,11 @@ def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], des
     return text
 
 
-def _sampling_note(config: dict) -> str:
+def _sampling_note(config: dict, flow: bool = False) -> str:
+    if flow:
+        guidance = ("`guidance_scale` > 1 applies classifier-free guidance through the null class (1 = none)."
+                    if config.get("class_dropout_prob", 0) > 0 else "It has no null class, so no classifier-free guidance.")
+        return f"`solver` is 'euler' (default) or 'heun' (two model calls per step). {guidance}"
     steps = "Pass any `num_inference_steps` (default 1). " if config["nfe"] is None else ""
     labels = "Class names work as labels too (`pipe.labels` lists them). " if config["num_classes"] > 1 else ""
     return (
@@ -169,6 +191,7 @@ def make_model_card(
     metrics: Optional[Dict[str, float]] = None,
     description: Optional[str] = None,
     license: Optional[str] = "apache-2.0",
+    cafm: bool = False,
 ) -> ModelCard:
     """The model card of the `AFMPipeline` folder `folder`.
 
@@ -183,6 +206,7 @@ def make_model_card(
         metrics: measured metrics, name -> value (e.g. {"fid": 3.2}).
         description: a sentence appended to the summary (e.g. where converted weights came from).
         license: the licence id for the metadata; `None` leaves it out.
+        cafm: the model was post-trained with Continuous AFM (tags and citation say so).
     """
     index = _read_json(os.path.join(folder, "model_index.json"))
     config = {k: v for k, v in _read_json(os.path.join(folder, "transformer", "config.json")).items() if not k.startswith("_")}
@@ -191,6 +215,7 @@ def make_model_card(
     repo_id = repo_id or os.path.basename(os.path.abspath(folder))
     standalone = is_standalone(folder)
     conditional = config["num_classes"] > 1
+    flow = _is_flow(index)
 
     card_data = ModelCardData(
         license=license,
@@ -207,15 +232,19 @@ def make_model_card(
         sample_grid=sample_grid,
         project_url=PROJECT_URL,
         paper_url=PAPER_URL,
-        installed_snippet=_snippet(repo_id, config, standalone=False),
-        standalone_snippet=_snippet(repo_id, config, standalone=True) if standalone else None,
-        sampling_note=_sampling_note(config),
+        installed_snippet=_snippet(repo_id, config, standalone=False, flow=flow),
+        standalone_snippet=_snippet(repo_id, config, standalone=True, flow=flow) if standalone else None,
+        sampling_note=_sampling_note(config, flow),
+        cafm=cafm,
+        cafm_paper_url=CAFM_PAPER_URL,
+        transformer_file=f"{index['transformer'][0]}.py" if standalone else None,
         model_config=json.dumps(config, indent=2, sort_keys=True),
         training_settings=json.dumps(training_settings, indent=2, sort_keys=True, default=str) if training_settings else None,
         metrics=[(name, f"{v:.4g}" if isinstance(v, float) else v) for name, v in sorted((metrics or {}).items())],
     )
     tags = ["diffusers"] + (["diffusers-training"] if training_settings else [])
-    tags += ["adversarial-flow-models", "class-conditional" if conditional else "unconditional", "image-generation"]
+    tags += ["adversarial-flow-models"] + (["flow-matching"] if flow else []) + (["continuous-adversarial-flow-models"] if cafm else [])
+    tags += ["class-conditional" if conditional else "unconditional", "image-generation"]
     return populate_model_card(card, tags=tags)
 
 
