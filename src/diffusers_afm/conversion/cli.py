@@ -1,7 +1,9 @@
-r"""`afm-convert`: turn a released AFM generator checkpoint into an `AFMPipeline` folder.
+r"""`afm-convert`: turn a released AFM generator checkpoint, or a SiT flow-matching checkpoint (the
+model Continuous AFM post-trains), into an `AFMPipeline` folder.
 
     afm-convert --checkpoint xl2_1nfe_guided_FID2.38.pth --model_size XL/2 --nfe 1 \
         --vae stabilityai/sd-vae-ft-mse --output_dir afm-xl2-1nfe
+    afm-convert --checkpoint SiT-XL-2-256.pt --format sit --model_size XL/2 --output_dir sit-xl2
 
 The model's shape (width, depth, patch size, channels, classes, input size) and its time
 embedders are read off the checkpoint; the head count comes from `--model_size`, `--num_heads` or
@@ -25,7 +27,9 @@ import torch
 from ..data.training_data import DEFAULT_VAE
 from ..models.transformer_afm import AFM_PRESETS
 from ..utils import FlagValueError, atomic_directory, parse_nfe
-from .official import convert_official_generator, strip_wrapper_prefixes
+from .official import convert_official_generator, convert_sit_generator, strip_wrapper_prefixes
+
+FORMATS = ("afm", "sit")
 
 IMAGENET_DATASET = "ILSVRC/imagenet-1k"
 # Keys under which training scripts commonly nest the weights; the EMA weights are what samples well.
@@ -118,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--checkpoint", required=True, help="Generator state dict (.pth read with weights_only=True, or .safetensors).")
     add("--output_dir", required=True, help="Where to write the AFMPipeline folder (replaced as a whole).")
+    add("--format", default="afm", choices=FORMATS,
+        help="'afm': an AFM generator (the reference layout); 'sit': a SiT flow-matching model (the official "
+        "SiT-XL-2-256.pt layout, or the CAFM reference's generator), converted to a FlowMatchingTransformer2DModel "
+        "in this library's time convention (default: %(default)s).")
     add("--model_size", default=None, choices=list(AFM_PRESETS),
         help="Preset size, for the head count (default: the preset of the checkpoint's depth and width).")
     add("--num_heads", type=int, default=None, help="Head count, for a size that is not a preset (default: from --model_size).")
@@ -149,6 +157,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
     if args.num_heads is not None and args.num_heads < 1:
         raise FlagValueError(f"`--num_heads` must be a positive integer, got {args.num_heads}.")
+    if args.format == "sit" and (args.nfe is not None or args.depth_repeat != 1):
+        raise FlagValueError("`--nfe` and `--depth_repeat` are AFM settings; a SiT (`--format sit`) samples with any "
+                             "number of ODE steps. Leave them out.")
     if args.class_names not in ("imagenet", "none") and not os.path.isfile(args.class_names):
         raise FlagValueError(f"`--class_names` must be 'imagenet', 'none' or a JSON file, got {args.class_names!r}.")
 
@@ -192,13 +203,16 @@ def convert(args: argparse.Namespace) -> str:
 
     state_dict = load_reference_state_dict(args.checkpoint, args.state_dict_key)
     try:
-        transformer = convert_official_generator(
-            state_dict,
-            nfe=-1 if args.nfe is None else args.nfe,
-            repeat=args.depth_repeat,
-            model_size=args.model_size,
-            num_heads=args.num_heads,
-        )
+        if args.format == "sit":
+            transformer = convert_sit_generator(state_dict, model_size=args.model_size, num_heads=args.num_heads)
+        else:
+            transformer = convert_official_generator(
+                state_dict,
+                nfe=-1 if args.nfe is None else args.nfe,
+                repeat=args.depth_repeat,
+                model_size=args.model_size,
+                num_heads=args.num_heads,
+            )
     except ValueError as err:
         raise CheckpointError(f"`--checkpoint` {args.checkpoint!r}: {err}") from None
     if args.dtype != "float32":
@@ -217,7 +231,7 @@ def convert(args: argparse.Namespace) -> str:
             tmp,
             repo_id=repo_id or os.path.basename(os.path.abspath(args.output_dir)),
             dataset=dataset,
-            description=f"Converted with `afm-convert` from the reference checkpoint `{os.path.basename(args.checkpoint)}`.",
+            description=f"Converted with `afm-convert --format {args.format}` from the checkpoint `{os.path.basename(args.checkpoint)}`.",
             license=args.license,
         )
     print(f"Wrote an AFMPipeline ({transformer.num_parameters() / 1e6:.1f}M parameters) to {args.output_dir}")

@@ -24,7 +24,15 @@ from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import LabelEmbedding
 from diffusers.models.modeling_utils import ModelMixin
 
-from .modules import TIME_SCALE, AFMTimestepEmbedding, AFMTrunkMixin, as_batch_timesteps, make_norm, math_attention
+from .modules import (
+    TIME_SCALE,
+    AFMTimestepEmbedding,
+    AFMTrunkMixin,
+    as_batch_timesteps,
+    directional_derivative,
+    make_norm,
+    math_attention,
+)
 
 
 class AFMTokenReadoutMixin(AFMTrunkMixin):
@@ -158,7 +166,8 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         """The Continuous-AFM discriminator of a `FlowMatchingTransformer2DModel`: its trunk with
         RMSNorm blocks, its class table (null row included) and time embedding, initialised from its
         weights (`load_flow_model_weights`); the token and the bias-free head start fresh.
-        `overrides` change the config (e.g. a narrower trunk, which then starts fresh)."""
+        `overrides` change the config; a trunk that then no longer fits the flow model's weights
+        is an error (the reference always initialises its discriminator from the generator)."""
         config = flow_model.config
         kwargs = dict(
             sample_size=config.sample_size, patch_size=config.patch_size, in_channels=config.in_channels,
@@ -169,8 +178,7 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         )
         kwargs.update(overrides)
         discriminator = cls(**kwargs)
-        if not overrides:
-            discriminator.load_flow_model_weights(flow_model)
+        discriminator.load_flow_model_weights(flow_model)
         return discriminator
 
     def load_flow_model_weights(self, flow_model) -> None:
@@ -199,28 +207,10 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         if not self.config.use_timestep:
             raise ValueError("`tangents` need a time-conditioned discriminator (`use_timestep=True`).")
         dx, dt = tangents
-        batch_size = hidden_states.shape[0]
-        t = as_batch_timesteps(timestep, batch_size, hidden_states.device, "timestep")
-        stacked = dx.ndim == hidden_states.ndim + 1
-        if dx.shape[-hidden_states.ndim:] != hidden_states.shape or dx.ndim not in (hidden_states.ndim, hidden_states.ndim + 1):
-            raise ValueError(
-                f"`tangents[0]` (dx) must have shape {tuple(hidden_states.shape)} or (K, *that), got {tuple(dx.shape)}."
-            )
+        t = as_batch_timesteps(timestep, hidden_states.shape[0], hidden_states.device, "timestep")
         dt = torch.as_tensor(dt, dtype=t.dtype, device=t.device)
-        if dt.shape != dx.shape[: 2 if stacked else 1]:
-            raise ValueError(f"`tangents[1]` (dt) must have shape {tuple(dx.shape[: 2 if stacked else 1])}, got {tuple(dt.shape)}.")
-
-        def logits(x, time):
-            return self._logits(x, class_labels, time)
-
-        def directional(dx_, dt_):
-            return torch.func.jvp(logits, (hidden_states, t), (dx_.to(hidden_states.dtype), dt_))
-
         with math_attention(self):
-            if not stacked:
-                return directional(dx, dt)
-            out, derivative = torch.func.vmap(directional)(dx, dt)
-        return out[0], derivative  # the primal does not depend on the tangent: every row of `out` is D(x, t)
+            return directional_derivative(lambda x, time: self._logits(x, class_labels, time), hidden_states, t, dx, dt)
 
     def _logits(self, hidden_states, class_labels, timestep) -> torch.Tensor:
         hidden_states = self._embed_patches(hidden_states)

@@ -116,6 +116,31 @@ def math_attention(model: nn.Module):
 _UNSET = object()
 
 
+def directional_derivative(fn, hidden_states: torch.Tensor, timestep: torch.Tensor, dx: torch.Tensor, dt: torch.Tensor):
+    """`(fn(x, t), d/de fn(x + e dx, t + e dt) at e = 0)` by forward-mode AD (`torch.func.jvp`).
+
+    One tangent: `dx` shaped like `x`, `dt` like `t`. A stack of K tangents (`(K, *x.shape)`,
+    `(K, *t.shape)`) is vmapped over, so the primal runs once and the K derivatives come out as
+    `(K, ...)`. The result stays differentiable (by reverse mode) in the parameters of `fn` and in
+    the tangents, which is how the generator's velocity gets its gradient (docs/method.md,
+    "Continuous AFM").
+    """
+    stacked = dx.ndim == hidden_states.ndim + 1
+    if dx.shape[-hidden_states.ndim:] != hidden_states.shape or dx.ndim not in (hidden_states.ndim, hidden_states.ndim + 1):
+        raise ValueError(f"`dx` must have shape {tuple(hidden_states.shape)} or (K, *that), got {tuple(dx.shape)}.")
+    expected = dx.shape[:1] + timestep.shape if stacked else timestep.shape
+    if tuple(dt.shape) != tuple(expected):
+        raise ValueError(f"`dt` must have shape {tuple(expected)}, got {tuple(dt.shape)}.")
+
+    def along(dx_, dt_):
+        return torch.func.jvp(fn, (hidden_states, timestep), (dx_.to(hidden_states.dtype), dt_.to(timestep.dtype)))
+
+    if not stacked:
+        return along(dx, dt)
+    out, derivative = torch.func.vmap(along)(dx, dt)
+    return out[0], derivative  # the primal does not depend on the tangent: every row of `out` is fn(x, t)
+
+
 def make_norm(norm_type: str, dim: int) -> nn.Module:
     """The blocks' parameter-free normalisation: LayerNorm (DiT, AFM) or RMSNorm (the CAFM
     discriminator, the reference's `norm_type: rms`), eps 1e-6."""
@@ -265,6 +290,7 @@ __all__ = [
     "AFMTransformerBlock",
     "AFMTrunkMixin",
     "as_batch_timesteps",
+    "directional_derivative",
     "make_norm",
     "math_attention",
     "timestep_sinusoid",

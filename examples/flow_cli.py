@@ -1,0 +1,182 @@
+"""What the two flow-model trainers share: `train_flow_matching.py` (plain flow matching, the baseline)
+and `train_cafm.py` (Continuous-AFM post-training).
+
+Both train a `FlowMatchingTransformer2DModel` on the data of `training_cli`, sample their validation
+grids with the pipeline's ODE solver, checkpoint with `CheckpointIO`, and end with an `AFMPipeline`
+folder (EMA weights, class names, samples, a model card). The loop (batches, one host sync per step,
+checkpoints, validation) and the output are written here once; each trainer supplies its step.
+"""
+
+import argparse
+import os
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+from accelerate.logging import get_logger
+
+from diffusers_afm import AFMPipeline, FlowMatchingTransformer2DModel, export_standalone, save_model_card
+from diffusers_afm.flow import SOLVERS
+from diffusers_afm.pipelines import class_grid
+from diffusers_afm.training.cafm import TIME_SAMPLINGS
+from diffusers_afm.training.loop import epoch_batches, host_values
+from diffusers_afm.utils import atomic_directory, atomic_file, save_pretrained_into
+from training_cli import TRUNK_KEYS, flag_error, trunk_config
+
+logger = get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------- flags
+def add_flow_arguments(p: argparse.ArgumentParser, tracker_project_name: str) -> None:
+    """Validation sampling, the time distribution, the Hub and the output code flags of both trainers."""
+    p.add_argument("--time_sampling", choices=TIME_SAMPLINGS, default="uniform",
+                   help="Distribution of the training times t (1 = noise): uniform (SiT's, CAFM's), logit_normal, "
+                        "or logit_normal_jit (JiT's).")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in the backward pass: less memory, more time.")
+    p.add_argument("--validation_steps", type=int, default=None, help="Sample grid of the EMA model every N steps.")
+    p.add_argument("--num_validation_classes", type=int, default=10, help="Rows of the sample grids (evenly spaced classes).")
+    p.add_argument("--num_validation_images", type=int, default=8, help="Per class (one grid row per class).")
+    p.add_argument("--validation_inference_steps", type=int, default=None,
+                   help="Solver steps of the validation grids (default: the trainer's).")
+    p.add_argument("--validation_solver", choices=SOLVERS, default="euler", help="ODE solver of the validation grids.")
+    p.add_argument("--validation_guidance_scale", type=float, default=1.0,
+                   help="Classifier-free guidance of the validation grids (1 = none).")
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="Upload the final folder to the Hub; the repository is created (and the token checked) at the start.")
+    p.add_argument("--hub_model_id", default=None, help="The Hub repository. Default: the --output_dir folder's name.")
+    p.add_argument("--hub_private_repo", action="store_true", help="Create the --push_to_hub repository as private.")
+    p.add_argument("--hub_token", default=None, help="A Hub token. Default: the one `huggingface-cli login` stored.")
+    p.add_argument("--standalone_hub_files", action="store_true",
+                   help="Also write self-contained model and pipeline code into the output folder, so that "
+                        "DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads it without diffusers-afm.")
+
+
+def check_flow_arguments(args: argparse.Namespace) -> None:
+    for flag in ("validation_steps", "num_validation_classes", "num_validation_images", "validation_inference_steps"):
+        if getattr(args, flag) < 1:
+            raise flag_error(flag, getattr(args, flag), "an integer >= 1")
+    if args.validation_guidance_scale < 0:
+        raise flag_error("validation_guidance_scale", args.validation_guidance_scale, "a number >= 0 (1 = no guidance)")
+    if not 0 <= args.class_dropout_prob < 1:
+        raise flag_error("class_dropout_prob", args.class_dropout_prob, "a number in [0, 1)")
+
+
+def build_flow_model(args, sample_size: int, in_channels: int, num_classes: int) -> FlowMatchingTransformer2DModel:
+    return FlowMatchingTransformer2DModel(
+        **trunk_config(args.model_config, args.default_trunk),
+        sample_size=sample_size, in_channels=in_channels, num_classes=num_classes,
+        class_dropout_prob=args.class_dropout_prob,
+    )
+
+
+def check_data_fits(model, data, what: str) -> None:
+    """The loaded data must be what the (pretrained) model takes: side, channels, classes."""
+    config = model.config
+    for key, value in (("sample_size", data.sample_size), ("in_channels", data.in_channels), ("num_classes", data.num_classes)):
+        if config[key] != value:
+            raise ValueError(
+                f"{what} has {key}={config[key]}, but the training data gives {value}; pass the --resolution, --vae "
+                "and data it was trained on (latent side = resolution / 8 with the SD-VAE)."
+            )
+
+
+# ----------------------------------------------------------------------------- outputs
+def validation_grid(args, model, vae, id2label):
+    pipeline = AFMPipeline(transformer=model, vae=vae, id2label=id2label)
+    pipeline.set_progress_bar_config(disable=True)
+    guidance = args.validation_guidance_scale if model.null_class_id is not None else 1.0
+    return class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed,
+                      num_inference_steps=args.validation_inference_steps, solver=args.validation_solver,
+                      guidance_scale=guidance)
+
+
+def save_grid(grid, path: str) -> None:
+    with atomic_file(path) as f:
+        grid.save(f, format="PNG")
+
+
+def log_grid(accelerator, grid, step: int) -> None:
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"samples": wandb.Image(grid)}, step=step)
+
+
+def save_flow_pipeline(args, accelerator, ema_model, vae, id2label, step: int, settings: Dict,
+                       discriminator=None, base_model: Optional[str] = None, cafm: bool = False, dataset: str = None):
+    """The final AFMPipeline (the EMA flow model), the discriminator (CAFM), a grid and a model card, each atomic."""
+    grid = validation_grid(args, ema_model, vae, id2label)
+    save_grid(grid, os.path.join(args.output_dir, "samples.png"))
+    pipeline = AFMPipeline(transformer=ema_model, vae=vae, id2label=id2label)
+    save_pretrained_into(pipeline, args.output_dir, last="model_index.json")
+    if args.standalone_hub_files:
+        export_standalone(args.output_dir)
+    if discriminator is not None:
+        with atomic_directory(os.path.join(args.output_dir, "discriminator")) as tmp:
+            accelerator.unwrap_model(discriminator).save_pretrained(tmp, safe_serialization=True)
+    trunk = {key: ema_model.config[key] for key in TRUNK_KEYS}
+    save_model_card(
+        args.output_dir,
+        repo_id=args.hub_model_id,
+        base_model=base_model,
+        dataset=dataset or args.dataset_name or args.train_data_dir or "scikit-learn digits",
+        training_settings={**settings, "model_config": trunk},
+        sample_grid="samples.png",
+        description=f"These are the EMA weights after {step} iterations.",
+        cafm=cafm,
+    )
+    return grid
+
+
+def push(args, repo_id: str, step: int, message: str) -> None:
+    from huggingface_hub import upload_folder
+
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                  ignore_patterns=["checkpoint-*", ".*", f"{args.logging_dir}/*"], commit_message=f"{message}, step {step}")
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_loop(args, accelerator, data, dataloader, train_step: Callable, checkpoints, global_step: int,
+               ema, schedulers=(), postfix: Callable[[Dict[str, float]], Dict[str, str]] = lambda v: {}) -> int:
+    """Run `train_step(x0, labels, step)` from `global_step` to `args.max_train_steps`: one host
+    sync per step (logs, and the non-finite guard), checkpoints, validation grids of the EMA model.
+    Returns the final step."""
+    from tqdm.auto import tqdm
+
+    rng = checkpoints.noise_generator
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    last_time, images_seen = time.perf_counter(), 0
+    for batch in epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps):
+        if global_step >= args.max_train_steps:
+            break
+        x0 = data.latents(batch, rng)
+        logs = train_step(x0, batch["class_labels"], global_step)
+        for scheduler in schedulers:
+            scheduler.step()
+        images_seen += x0.shape[0]
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        progress.update(1)
+        values = host_values(logs, global_step, args.output_dir)
+        now = time.perf_counter()
+        values["images_per_sec"] = images_seen * accelerator.num_processes / (now - last_time)
+        if schedulers:
+            values["lr"] = schedulers[0].get_last_lr()[0]
+        last_time, images_seen = now, 0
+        accelerator.log(values, step=global_step)
+        progress.set_postfix(**postfix(values))
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
+        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            grid = validation_grid(args, ema.model, data.vae, data.id2label)
+            save_grid(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
+            log_grid(accelerator, grid, global_step)
+    progress.close()
+    return global_step
