@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every speed benchmark on one GPU, in bf16: the XL/2 peer ratio, XL/2 sampling at 1, 2 and 4 steps
-# with the SD-VAE decode (eager and CUDA graph), the R1/R2 precision check, and the XL/2 and B/2 training step with compile
+# with the SD-VAE decode (eager and CUDA graph), the R1/R2 precision check, the CAFM step and its attention
+# kernels under forward-mode AD, and the XL/2 and B/2 training step with compile
 # on/off and checkpointing on/off. Planned to finish in under 8 minutes on one H200.
 #
 #   bash benchmarks/gpu_benchmark.sh [RESULTS_DIR]      # default: $OUT if set, else gpu-benchmark/
@@ -47,13 +48,16 @@ step penalty_precision "$PY" benchmarks/penalty_precision.py --device cuda --all
   --time_size XL/2 --time_batch_size 32 --repeats 5 --json "$RESULTS/penalty_precision.json"
 # XL/2 first and, per size, the configurations in order of importance: whatever would start after
 # the time left (460 s from the start, so the whole script stays under 8 minutes) is skipped, not cut.
+# Continuous AFM: which SDPA kernels have forward-mode AD on this GPU, and a CAFM iteration against an AFM one (B/2).
+step cafm_step "$PY" benchmarks/cafm_step.py --device cuda --sizes B/2 --batch_size 32 --sample_size 32 --dtype bf16 \
+  --repeats 5 --json "$RESULTS/cafm_step.json"
 step train_step "$PY" benchmarks/train_step.py --device cuda --sizes XL/2 B/2 --batch_size 32 --sample_size 32 \
   --configs bf16/none/off bf16/blocks/off bf16/blocks/on bf16/none/on \
   --steps 10 --warmup 2 --timeout 240 --budget $((460 - (SECONDS - start))) --json "$RESULTS/train_step.json"
 
 echo
 echo "== tables ($((SECONDS - start)) s) =="
-for name in compare_dit sampling penalty_precision train_step; do
+for name in compare_dit sampling penalty_precision cafm_step train_step; do
   echo "-- $name"
   # the last table of each log, with the line above it (the settings), and compare_dit's ratio line
   awk '/^\|/ { if (!intable) { block = prev "\n"; intable = 1 } block = block $0 "\n"; next }

@@ -57,7 +57,7 @@ def nearest_distance(queries, references):
     return d.min(dim=1).values.numpy()
 
 
-def sample(pipeline_dir, per_class, seed, batch_size=500):
+def sample(pipeline_dir, per_class, seed, batch_size=500, **sample_kwargs):
     from diffusers_afm import AFMPipeline
 
     pipe = AFMPipeline.from_pretrained(pipeline_dir)
@@ -67,7 +67,7 @@ def sample(pipeline_dir, per_class, seed, batch_size=500):
     out = []
     for start in range(0, len(labels), batch_size):
         chunk = labels[start : start + batch_size].tolist()
-        out.append(pipe(class_labels=chunk, generator=generator, output_type="np").images)
+        out.append(pipe(class_labels=chunk, generator=generator, output_type="np", **sample_kwargs).images)
     images = np.concatenate(out)  # (N, H, W, C) in [0, 1]
     return digit_pixels(images), labels
 
@@ -87,13 +87,15 @@ def digit_pixels(images):
     return grey.reshape(n, -1).astype(np.float32)
 
 
-def measure(pipeline_dir, per_class=100, seed=0):
+def measure(pipeline_dir, per_class=100, seed=0, **sample_kwargs):
+    """The metrics of one pipeline folder; `sample_kwargs` go to the pipeline call (a flow model's
+    `num_inference_steps`, `solver`, `guidance_scale`)."""
     from diffusers_afm.evaluation import feature_statistics, frechet_distance
 
     x_train, y_train = digits_arrays("train")
     x_test, y_test = digits_arrays("test")
     clf = train_classifier(x_train, y_train, seed)
-    x_gen, y_gen = sample(pipeline_dir, per_class, seed)
+    x_gen, y_gen = sample(pipeline_dir, per_class, seed, **sample_kwargs)
     if x_gen.shape[1] != x_train.shape[1]:
         raise ValueError(f"The pipeline makes {x_gen.shape[1]}-pixel images; the digits have {x_train.shape[1]}.")
 

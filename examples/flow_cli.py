@@ -12,7 +12,6 @@ import os
 import time
 from typing import Callable, Dict, Optional
 
-import torch
 from accelerate.logging import get_logger
 
 from diffusers_afm import AFMPipeline, FlowMatchingTransformer2DModel, export_standalone, save_model_card
@@ -20,14 +19,14 @@ from diffusers_afm.flow import SOLVERS
 from diffusers_afm.pipelines import class_grid
 from diffusers_afm.training.cafm import TIME_SAMPLINGS
 from diffusers_afm.training.loop import epoch_batches, host_values
-from diffusers_afm.utils import atomic_directory, atomic_file, save_pretrained_into
-from training_cli import TRUNK_KEYS, flag_error, trunk_config
+from diffusers_afm.utils import atomic_directory, save_pretrained_into
+from training_cli import TRUNK_KEYS, add_hub_arguments, flag_error, log_grid, save_grid, trunk_config
 
 logger = get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------- flags
-def add_flow_arguments(p: argparse.ArgumentParser, tracker_project_name: str) -> None:
+def add_flow_arguments(p: argparse.ArgumentParser) -> None:
     """Validation sampling, the time distribution, the Hub and the output code flags of both trainers."""
     p.add_argument("--time_sampling", choices=TIME_SAMPLINGS, default="uniform",
                    help="Distribution of the training times t (1 = noise): uniform (SiT's, CAFM's), logit_normal, "
@@ -42,14 +41,7 @@ def add_flow_arguments(p: argparse.ArgumentParser, tracker_project_name: str) ->
     p.add_argument("--validation_solver", choices=SOLVERS, default="euler", help="ODE solver of the validation grids.")
     p.add_argument("--validation_guidance_scale", type=float, default=1.0,
                    help="Classifier-free guidance of the validation grids (1 = none).")
-    p.add_argument("--push_to_hub", action="store_true",
-                   help="Upload the final folder to the Hub; the repository is created (and the token checked) at the start.")
-    p.add_argument("--hub_model_id", default=None, help="The Hub repository. Default: the --output_dir folder's name.")
-    p.add_argument("--hub_private_repo", action="store_true", help="Create the --push_to_hub repository as private.")
-    p.add_argument("--hub_token", default=None, help="A Hub token. Default: the one `huggingface-cli login` stored.")
-    p.add_argument("--standalone_hub_files", action="store_true",
-                   help="Also write self-contained model and pipeline code into the output folder, so that "
-                        "DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads it without diffusers-afm.")
+    add_hub_arguments(p)
 
 
 def check_flow_arguments(args: argparse.Namespace) -> None:
@@ -91,23 +83,6 @@ def validation_grid(args, model, vae, id2label):
                       guidance_scale=guidance)
 
 
-def save_grid(grid, path: str) -> None:
-    with atomic_file(path) as f:
-        grid.save(f, format="PNG")
-
-
-def log_grid(accelerator, grid, step: int) -> None:
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"samples": wandb.Image(grid)}, step=step)
-
-
 def save_flow_pipeline(args, accelerator, ema_model, vae, id2label, step: int, settings: Dict,
                        discriminator=None, base_model: Optional[str] = None, cafm: bool = False, dataset: str = None):
     """The final AFMPipeline (the EMA flow model), the discriminator (CAFM), a grid and a model card, each atomic."""
@@ -132,13 +107,6 @@ def save_flow_pipeline(args, accelerator, ema_model, vae, id2label, step: int, s
         cafm=cafm,
     )
     return grid
-
-
-def push(args, repo_id: str, step: int, message: str) -> None:
-    from huggingface_hub import upload_folder
-
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                  ignore_patterns=["checkpoint-*", ".*", f"{args.logging_dir}/*"], commit_message=f"{message}, step {step}")
 
 
 # ----------------------------------------------------------------------------- the loop

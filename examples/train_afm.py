@@ -50,13 +50,14 @@ from diffusers_afm.training import (
 from diffusers_afm.training import recipe
 from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
 from diffusers_afm.training.loop import NonFiniteLossError, adamw, epoch_batches, host_values, noise_generator
-from diffusers_afm.utils import atomic_directory, atomic_file, parse_nfe, save_pretrained_into
+from diffusers_afm.utils import atomic_directory, parse_nfe, save_pretrained_into
 from training_cli import (
     DIGITS_MODEL,
     TRUNK_KEYS,
     TrainingArgumentParser,
     add_adamw_arguments,
     add_data_arguments,
+    add_hub_arguments,
     add_run_arguments,
     apply_defaults,
     check_model_spec,
@@ -66,10 +67,13 @@ from training_cli import (
     create_hub_repo,
     flag_error,
     init_trackers,
+    log_grid,
     resolve_train_steps,
     resolved_settings,
+    save_grid,
     setup_accelerator,
     training_data_kwargs,
+    upload_output,
     model_summary,
     planned_model_inputs,
     resolve_data_defaults,
@@ -171,14 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_reference", default=None, help="Reference .npz (ADM batch or mu/sigma) or image folder.")
     p.add_argument("--eval_feature_extractor", default="inception",
                    help="'inception' (torch-fidelity, the 'fid' extra) or a TorchScript feature network file.")
-    p.add_argument("--push_to_hub", action="store_true",
-                   help="Upload the final folder to the Hub; the repository is created (and the token checked) at the start.")
-    p.add_argument("--hub_model_id", default=None, help="The Hub repository. Default: the --output_dir folder's name.")
-    p.add_argument("--hub_private_repo", action="store_true", help="Create the --push_to_hub repository as private.")
-    p.add_argument("--hub_token", default=None, help="A Hub token. Default: the one `huggingface-cli login` stored.")
-    p.add_argument("--standalone_hub_files", action="store_true",
-                   help="Also write self-contained model and pipeline code into the output folder, so that "
-                        "DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads it without diffusers-afm.")
+    add_hub_arguments(p)
     return p
 
 
@@ -343,23 +340,6 @@ def autoreload(accelerator, generator, discriminator, ema, discriminator_start) 
 
 
 # ----------------------------------------------------------------------------- outputs
-def save_grid(grid, path):
-    with atomic_file(path) as f:
-        grid.save(f, format="PNG")
-
-
-def log_grid(accelerator, grid, step):
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"samples": wandb.Image(grid)}, step=step)
-
-
 def save_pipeline(args, accelerator, ema, discriminator, vae, id2label, step, metrics=None):
     """The final AFMPipeline (EMA generator), the discriminator, a grid and a model card, each atomic."""
     pipeline = AFMPipeline(transformer=ema.model, vae=vae, id2label=id2label)
@@ -540,11 +520,7 @@ def train(args: argparse.Namespace) -> str:
         log_grid(accelerator, grid, global_step)
         logger.info(f"Saved the AFMPipeline to {args.output_dir}")
         if args.push_to_hub:
-            from huggingface_hub import upload_folder
-
-            upload_folder(repo_id=hub_repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", ".*", f"{args.logging_dir}/*"],
-                          commit_message=f"AFM training, step {global_step}")
+            upload_output(args, hub_repo_id, f"AFM training, step {global_step}")
     accelerator.end_training()
     return args.output_dir
 

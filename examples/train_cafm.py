@@ -22,7 +22,6 @@ import json
 import os
 import warnings
 
-import torch
 from accelerate.logging import get_logger
 from diffusers.optimization import get_scheduler
 
@@ -32,7 +31,7 @@ from diffusers_afm.training import ModelEMA
 from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep
 from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
 from diffusers_afm.training.loop import adamw, noise_generator
-from flow_cli import add_flow_arguments, check_data_fits, check_flow_arguments, push, save_flow_pipeline, train_loop
+from flow_cli import add_flow_arguments, check_data_fits, check_flow_arguments, save_flow_pipeline, train_loop
 from training_cli import (
     TrainingArgumentParser,
     add_adamw_arguments,
@@ -51,6 +50,7 @@ from training_cli import (
     resolved_settings,
     setup_accelerator,
     training_data_kwargs,
+    upload_output,
 )
 import training_cli
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_grad_norm", type=float, default=10_000.0, help="Gradient clipping of both (the reference's 10000).")
     p.add_argument("--ema_decay", type=float, default=0.99, help="EMA decay of the generator, after each G update.")
     add_run_arguments(p, output_dir="cafm-model", tracker_project_name="train_cafm")
-    add_flow_arguments(p, "train_cafm")
+    add_flow_arguments(p)
     return p
 
 
@@ -254,7 +254,7 @@ def train(args: argparse.Namespace) -> str:
                            discriminator=discriminator, base_model=None if os.path.isdir(pretrained) else pretrained, cafm=True)
         logger.info(f"Saved the CAFM post-trained AFMPipeline to {args.output_dir}")
         if args.push_to_hub:
-            push(args, hub_repo_id, global_step, "Continuous AFM post-training")
+            upload_output(args, hub_repo_id, f"Continuous AFM post-training, step {global_step}")
     accelerator.end_training()
     return args.output_dir
 

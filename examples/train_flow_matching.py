@@ -34,7 +34,6 @@ from flow_cli import (
     build_flow_model,
     check_data_fits,
     check_flow_arguments,
-    push,
     save_flow_pipeline,
     train_loop,
 )
@@ -59,6 +58,7 @@ from training_cli import (
     resolved_settings,
     setup_accelerator,
     training_data_kwargs,
+    upload_output,
 )
 import training_cli
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="Decay min(ema_decay, (1+n)/(10+n)) as diffusers' EMAModel; on for the digits default.")
     add_run_arguments(p, output_dir="fm-model", tracker_project_name="train_flow_matching")
-    add_flow_arguments(p, "train_flow_matching")
+    add_flow_arguments(p)
     return p
 
 
@@ -180,7 +180,7 @@ def train(args: argparse.Namespace) -> str:
                            base_model=args.init_from if args.init_from and not os.path.isdir(args.init_from) else None)
         logger.info(f"Saved the flow-matching AFMPipeline to {args.output_dir}")
         if args.push_to_hub:
-            push(args, hub_repo_id, global_step, "Flow-matching training")
+            upload_output(args, hub_repo_id, f"Flow-matching training, step {global_step}")
     accelerator.end_training()
     return args.output_dir
 

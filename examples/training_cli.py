@@ -560,7 +560,48 @@ def init_trackers(accelerator, name: str, settings: Dict) -> None:
         accelerator.init_trackers(name, config=config)
 
 
-# ----------------------------------------------------------------------------- the Hub
+# ----------------------------------------------------------------------------- the Hub and outputs
+def add_hub_arguments(p: argparse.ArgumentParser) -> None:
+    """The Hub flags of diffusers' example trainers, and the standalone code export."""
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="Upload the final folder to the Hub; the repository is created (and the token checked) at the start.")
+    p.add_argument("--hub_model_id", default=None, help="The Hub repository. Default: the --output_dir folder's name.")
+    p.add_argument("--hub_private_repo", action="store_true", help="Create the --push_to_hub repository as private.")
+    p.add_argument("--hub_token", default=None, help="A Hub token. Default: the one `huggingface-cli login` stored.")
+    p.add_argument("--standalone_hub_files", action="store_true",
+                   help="Also write self-contained model and pipeline code into the output folder, so that "
+                        "DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads it without diffusers-afm.")
+
+
+def upload_output(args: argparse.Namespace, repo_id: str, commit_message: str) -> None:
+    """`--push_to_hub`: the output folder without checkpoints, hidden files and tracker logs."""
+    from huggingface_hub import upload_folder
+
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                  ignore_patterns=["checkpoint-*", ".*", f"{args.logging_dir}/*"], commit_message=commit_message)
+
+
+def save_grid(grid, path: str) -> None:
+    """A sample grid as a PNG, written atomically."""
+    from diffusers_afm.utils import atomic_file
+
+    with atomic_file(path) as f:
+        grid.save(f, format="PNG")
+
+
+def log_grid(accelerator, grid, step: int) -> None:
+    """A sample grid to the trackers (tensorboard, wandb)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"samples": wandb.Image(grid)}, step=step)
+
+
 def check_hub_arguments(args: argparse.Namespace) -> None:
     """`--hub_model_id` defaults to the output folder's name, as in diffusers' trainers; pushing
     while offline is an error now rather than after training."""

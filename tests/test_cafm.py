@@ -332,3 +332,34 @@ def test_cafm_two_processes(flow_run, tmp_path):
     assert len(lines) == 2 and lines[0] == lines[1], lines  # steps 0-2 D, 3 G, 4 D: both networks synced
     assert (out / "checkpoint-5" / "noise_rng_1.safetensors").exists()
     assert AFMPipeline.from_pretrained(out)(class_labels=[1], num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
+
+
+def test_the_reference_recipe_config_reads_as_flags(flow_run, capsys):
+    train_cafm.main(["--config", str(REPO / "examples" / "configs" / "cafm_sit_xl2.json"),
+                     "--pretrained_model_name_or_path", str(flow_run), "--dry_run"])
+    import json
+
+    settings = json.loads(capsys.readouterr().out)
+    assert settings["num_discriminator_steps"] == 16 and settings["warmup_steps"] == 10_000
+    assert settings["learning_rate"] == 1e-5 and (settings["adam_beta1"], settings["adam_beta2"]) == (0.0, 0.95)
+    assert settings["ema_decay"] == 0.99 and settings["cp_scale"] == 0.001 and settings["max_grad_norm"] == 10_000
+    assert settings["_model"]["generator"]["class"] == "FlowMatchingTransformer2DModel"
+
+
+def test_afm_convert_sit_writes_the_reference_velocity(tmp_path):
+    from safetensors.torch import load_file as load
+
+    fixtures = REPO / "tests" / "fixtures" / "cafm_sit"
+    out = tmp_path / "sit"
+    result = subprocess.run(["afm-convert", "--checkpoint", str(fixtures / "gen_state_dict.safetensors"), "--format", "sit",
+                             "--num_heads", "4", "--vae", "none", "--class_names", "none", "--output_dir", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    model = AFMPipeline.from_pretrained(out).transformer
+    io = load(fixtures / "gen_io.safetensors")
+    with torch.no_grad():
+        velocity = model(io["input/x_t"], io["input/t"], io["input/y_mixed"]).sample
+    assert (velocity - io["f32/v_y_mixed"]).abs().max() < 1e-5
+    bad = subprocess.run(["afm-convert", "--checkpoint", str(fixtures / "gen_state_dict.safetensors"), "--format", "sit",
+                          "--nfe", "2", "--output_dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--nfe" in bad.stderr and not (tmp_path / "x").exists()

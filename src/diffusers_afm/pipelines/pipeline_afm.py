@@ -347,7 +347,7 @@ class AFMPipeline(DiffusionPipeline):
             if solver is not None:
                 raise ValueError(
                     "`solver` is not an argument for AFM models: their step rule is fixed by their training. "
-                    f"(Flow-matching models take 'euler' or 'heun'.)"
+                    "(Flow-matching models take 'euler' or 'heun'.)"
                 )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")

@@ -166,15 +166,16 @@ class CAFMTrainingStep:
         return is_discriminator_step(step, self.objective.warmup, self.objective.num_discriminator_steps)
 
     def draw(self, x0: torch.Tensor, class_labels: torch.LongTensor):
-        """The iteration's random inputs, in the reference's order: dropped labels, times, noise."""
+        """The iteration's random inputs `(labels, noise, t)` (the steps' argument order), drawn in the
+        reference's order: dropped labels, times, noise."""
         labels = drop_class_labels(class_labels, self.null_class_id, self.objective.class_dropout_prob, self.rng)
         t = sample_times(x0.shape[0], self.objective.time_sampling, x0.device, self.rng)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self.rng)
-        return labels, t, noise
+        return labels, noise, t
 
     def __call__(self, x0: torch.Tensor, class_labels: torch.LongTensor, step: int) -> Dict[str, torch.Tensor]:
         """Iteration `step` (0-based) on the batch `(x0, class_labels)`; returns its logs (tensors)."""
-        labels, t, noise = self.draw(x0, class_labels)
+        labels, noise, t = self.draw(x0, class_labels)
         if self.is_discriminator_step(step):
             with self.accelerator.accumulate(self.discriminator):
                 return self.discriminator_step(x0, labels, noise, t)
