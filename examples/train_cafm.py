@@ -5,7 +5,7 @@
     python examples/train_cafm.py --pretrained_model_name_or_path fm-digits --output_dir cafm-digits
 
     # SiT-XL/2 on ImageNet 256 (afm-convert --format sit ... --output_dir sit-xl2), the reference recipe
-    accelerate launch examples/train_cafm.py --config examples/configs/cafm_sit_xl2.json \
+    accelerate launch examples/train_cafm.py --config examples/configs/cafm/sit_xl2.json \
         --pretrained_model_name_or_path sit-xl2 --train_data_dir imagenet/train --mixed_precision bf16
 
 The discriminator is the generator's trunk with RMSNorm blocks, a learnable token and a bias-free

@@ -1,6 +1,7 @@
 """Continuous AFM and flow-matching models as a user meets them: solvers, guidance, the pipeline,
 the discriminator's JVP, the training step, both trainers end to end (and under DDP), bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -335,15 +336,29 @@ def test_cafm_two_processes(flow_run, tmp_path):
 
 
 def test_the_reference_recipe_config_reads_as_flags(flow_run, capsys):
-    train_cafm.main(["--config", str(REPO / "examples" / "configs" / "cafm_sit_xl2.json"),
+    train_cafm.main(["--config", str(REPO / "examples" / "configs" / "cafm" / "sit_xl2.json"),
                      "--pretrained_model_name_or_path", str(flow_run), "--dry_run"])
-    import json
 
     settings = json.loads(capsys.readouterr().out)
     assert settings["num_discriminator_steps"] == 16 and settings["warmup_steps"] == 10_000
     assert settings["learning_rate"] == 1e-5 and (settings["adam_beta1"], settings["adam_beta2"]) == (0.0, 0.95)
     assert settings["ema_decay"] == 0.99 and settings["cp_scale"] == 0.001 and settings["max_grad_norm"] == 10_000
     assert settings["_model"]["generator"]["class"] == "FlowMatchingTransformer2DModel"
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_the_reference_recipe_trains_at_toy_size(flow_run, tmp_path):
+    """The config's values train as they are (its data, size and length replaced by toy ones)."""
+    out = tmp_path / "recipe"
+    train_cafm.main(["--config", str(REPO / "examples" / "configs" / "cafm" / "sit_xl2.json"),
+                     "--pretrained_model_name_or_path", str(flow_run), "--output_dir", str(out),
+                     "--dataset_name", "digits", "--resolution", "8", "--vae", "none", "--no-random_flip",
+                     "--train_batch_size", "8", "--max_train_steps", "2", "--warmup_steps", "0",
+                     "--num_discriminator_steps", "1", "--validation_inference_steps", "2", "--report_to", "none",
+                     "--num_validation_classes", "2", "--num_validation_images", "1"])
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    assert type(AFMPipeline.from_pretrained(out).transformer) is FlowMatchingTransformer2DModel
 
 
 def test_afm_convert_sit_writes_the_reference_velocity(tmp_path):
