@@ -231,7 +231,8 @@ def convert(args: argparse.Namespace) -> str:
             tmp,
             repo_id=repo_id or os.path.basename(os.path.abspath(args.output_dir)),
             dataset=dataset,
-            description=f"Converted with `afm-convert --format {args.format}` from the checkpoint `{os.path.basename(args.checkpoint)}`.",
+            description=f"Converted with `afm-convert` from the {'SiT' if args.format == 'sit' else 'reference'} "
+            f"checkpoint `{os.path.basename(args.checkpoint)}`.",
             license=args.license,
         )
     print(f"Wrote an AFMPipeline ({transformer.num_parameters() / 1e6:.1f}M parameters) to {args.output_dir}")
