@@ -94,8 +94,8 @@ def math_attention(model: nn.Module):
     Forward-mode AD (`torch.func.jvp`, the CAFM discriminator's directional derivative) has no
     formula for the fused kernels: on the CPU the default SDPA path is the flash kernel, which
     raises "Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu"; the CUDA
-    flash, memory-efficient and cuDNN kernels and the flash-attn / sage packages have none either
-    (docs/performance.md, "Attention under forward-mode AD"). The math kernel is plain matmuls and a
+    flash, memory-efficient and cuDNN kernels have only backward formulas in torch's
+    derivatives.yaml (unverified on a GPU; docs/cafm.md, "Our choices"). The math kernel is plain matmuls and a
     softmax, which torch.func differentiates. A backend chosen with `set_attention_backend` is set
     aside for the block and restored after it.
     """
