@@ -32,7 +32,8 @@ def add_flow_arguments(p: argparse.ArgumentParser) -> None:
                    help="Distribution of the training times t (1 = noise): uniform (SiT's, CAFM's), logit_normal, "
                         "or logit_normal_jit (JiT's).")
     p.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Recompute activations in the backward pass: less memory, more time.")
+                   help="Recompute the flow model's activations in the backward pass: less memory, more time "
+                        "(not the CAFM discriminator's: it does not compose with the JVP).")
     p.add_argument("--validation_steps", type=int, default=None, help="Sample grid of the EMA model every N steps.")
     p.add_argument("--num_validation_classes", type=int, default=10, help="Rows of the sample grids (evenly spaced classes).")
     p.add_argument("--num_validation_images", type=int, default=8, help="Per class (one grid row per class).")

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(p)
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="Required. The flow model to post-train: a folder written by train_flow_matching.py, train_cafm.py or "
-                        "`afm-convert --format sit` (an AFMPipeline folder, or its transformer/ folder).")
+                        "`afm-convert --format sit` (an AFMPipeline folder, or its transformer/ folder), or the Hub id of one.")
     p.add_argument("--discriminator", default=None,
                    help="Start from this discriminator folder (a train_cafm.py run's discriminator/) instead of one "
                         "initialised from the generator.")
@@ -103,6 +103,21 @@ def transformer_folder(path: str) -> str:
     return nested if os.path.isfile(os.path.join(nested, "config.json")) else path
 
 
+def pretrained_folder(path: str) -> str:
+    """A local folder as it is; a Hub id downloaded (or found in the cache) with its configs and
+    safetensors weights only."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "transformer/*", "vae/*", "*.safetensors", "README.md"])
+    except Exception as err:  # not an id, not on the Hub, offline and not cached, no access
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise flag_error("pretrained_model_name_or_path", path,
+                         f"a local flow-model folder, or a Hub repository id that can be downloaded ({reason})") from None
+
+
 def read_flow_config(path: str) -> dict:
     """The pretrained model's config, checked to be a flow-matching model before anything is loaded."""
     folder = transformer_folder(path)
@@ -126,9 +141,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.pretrained_model_name_or_path is None:
         raise ValueError("`--pretrained_model_name_or_path` is required: the flow model to post-train (a folder written by "
                          "train_flow_matching.py or `afm-convert --format sit`).")
-    config = read_flow_config(args.pretrained_model_name_or_path)
-    if args.vae is None and os.path.isfile(os.path.join(args.pretrained_model_name_or_path, "vae", "config.json")):
-        args.vae = args.pretrained_model_name_or_path  # the VAE the model was trained with
+    # The local copy; the flag keeps the name the user gave (the model card's base_model for a Hub id).
+    args.pretrained_folder = pretrained_folder(args.pretrained_model_name_or_path)
+    config = read_flow_config(args.pretrained_folder)
+    if args.vae is None and os.path.isfile(os.path.join(args.pretrained_folder, "vae", "config.json")):
+        args.vae = args.pretrained_folder  # the VAE the model was trained with
     flow_trunk = {k: config[k] for k in ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim", "mlp_ratio")}
     defaults = resolve_data_defaults(args, digits=(DIGITS_DEFAULTS, flow_trunk), paper=(PAPER_DEFAULTS, flow_trunk),
                                      small_schedule=SMALL_SCHEDULE)
@@ -170,13 +187,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    config = read_flow_config(args.pretrained_model_name_or_path)
+    config = read_flow_config(args.pretrained_folder)
     summary = {"generator": {"class": FLOW_MODEL, "config": {k: v for k, v in config.items() if not k.startswith("_")}}}
     return {**resolved_settings(args, build_parser()), "_model": summary}
 
 
 def build_models(args):
-    generator = FlowMatchingTransformer2DModel.from_pretrained(transformer_folder(args.pretrained_model_name_or_path))
+    generator = FlowMatchingTransformer2DModel.from_pretrained(transformer_folder(args.pretrained_folder))
     if args.discriminator is not None:
         discriminator = AdversarialFlowDiscriminator.from_pretrained(args.discriminator)
         for key in ("sample_size", "in_channels", "num_classes", "patch_size"):
@@ -205,8 +222,9 @@ def train(args: argparse.Namespace) -> str:
     generator, discriminator = build_models(args)
     check_data_fits(generator, data, f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path}")
     if args.gradient_checkpointing:
+        # The generator only: checkpointing does not compose with the discriminator's JVP (docs/cafm.md).
         generator.enable_gradient_checkpointing()
-        discriminator.enable_gradient_checkpointing()
+        logger.info("--gradient_checkpointing: on for the generator; the discriminator's JVP runs without it")
     logger.info(f"generator {generator.num_parameters() / 1e6:.2f}M, discriminator {discriminator.num_parameters() / 1e6:.2f}M parameters")
 
     betas, eps, weight_decay = (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay

@@ -125,6 +125,18 @@ def test_jvp_needs_a_time_input_and_well_shaped_tangents():
         cafm(x, y, t, tangents=(torch.stack([x, x]), torch.ones(2)))
 
 
+def test_jvp_refuses_gradient_checkpointing_clearly():
+    cafm = AdversarialFlowDiscriminator.for_flow_model(tiny_flow_model())
+    cafm.enable_gradient_checkpointing()
+    x, y, t = torch.randn(2, 4, 8, 8), torch.tensor([0, 10]), torch.rand(2)
+    with pytest.raises(ValueError, match="Gradient checkpointing does not compose"):
+        cafm(x, y, t, tangents=(x, torch.ones(2)))
+    cafm.disable_gradient_checkpointing()
+    _, derivative = cafm(x, y, t, tangents=(x, torch.ones(2)))
+    derivative.sum().backward()
+    assert cafm.token.grad is not None
+
+
 def test_jvp_overrides_a_backend_without_forward_ad_and_restores_it():
     cafm = AdversarialFlowDiscriminator.for_flow_model(tiny_flow_model())
     cafm.set_attention_backend("_native_flash")  # the CPU flash kernel: no forward-mode AD formula
@@ -285,6 +297,7 @@ def test_cafm_resume_is_bit_for_bit(flow_run, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     ((), "--pretrained_model_name_or_path` is required"),
     (("--pretrained_model_name_or_path", "AFM"), "a flow-matching model.*AdversarialFlowTransformer2DModel"),
+    (("--pretrained_model_name_or_path", "nobody/not-a-cached-model"), "Hub repository id that can be downloaded"),
     (("--pretrained_model_name_or_path", "FLOW", "--resolution", "16"), "sample_size=8"),
     (("--pretrained_model_name_or_path", "FLOW", "--num_discriminator_steps", "0"), "num_discriminator_steps"),
     (("--pretrained_model_name_or_path", "FLOW", "--validation_solver", "rk4"), "validation_solver"),

@@ -206,6 +206,13 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
     def _logits_jvp(self, hidden_states, class_labels, timestep, tangents):
         if not self.config.use_timestep:
             raise ValueError("`tangents` need a time-conditioned discriminator (`use_timestep=True`).")
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # torch.utils.checkpoint's recomputation does not see the forward-mode tangents and fails
+            # its saved-tensor check; checkpointing the JVP would need a block-by-block JVP.
+            raise ValueError(
+                "Gradient checkpointing does not compose with the discriminator's JVP (`tangents=`): call "
+                "`disable_gradient_checkpointing()` on the discriminator (the generator may keep it)."
+            )
         dx, dt = tangents
         t = as_batch_timesteps(timestep, hidden_states.shape[0], hidden_states.device, "timestep")
         dt = torch.as_tensor(dt, dtype=t.dtype, device=t.device)
