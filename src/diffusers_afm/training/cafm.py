@@ -23,7 +23,7 @@ import torch
 
 from ..flow import interpolate
 from .ema import ModelEMA
-from .step import without_ddp
+from .step import optimizer_update, without_ddp
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "logit_normal_jit")
 
@@ -210,19 +210,10 @@ class CAFMTrainingStep:
         return loss, logs, velocity_pred
 
     # ---------------------------------------------------------------- steps
-    def _clip(self, model, max_norm) -> Optional[torch.Tensor]:
-        if not self.accelerator.sync_gradients or not max_norm:
-            return None
-        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-
     def discriminator_step(self, x0, labels, noise, t) -> Dict[str, torch.Tensor]:
         loss, logs = self.discriminator_objective(x0, labels, noise, t)
         self.accelerator.backward(loss)
-        grad_norm = self._clip(self.discriminator, self.max_grad_norm_d)
-        if grad_norm is not None:
-            logs["grad_norm_d"] = grad_norm
-        self.optimizer_d.step()
-        self.optimizer_d.zero_grad(set_to_none=True)
+        optimizer_update(self.accelerator, self.discriminator, self.optimizer_d, self.max_grad_norm_d, logs, "grad_norm_d")
         return logs
 
     def generator_step(self, x0, labels, noise, t) -> Dict[str, torch.Tensor]:
@@ -232,11 +223,7 @@ class CAFMTrainingStep:
             self.accelerator.backward(loss)
         finally:
             critic.requires_grad_(True)
-        grad_norm = self._clip(self.generator, self.max_grad_norm_g)
-        if grad_norm is not None:
-            logs["grad_norm_g"] = grad_norm
-        self.optimizer_g.step()
-        self.optimizer_g.zero_grad(set_to_none=True)
+        optimizer_update(self.accelerator, self.generator, self.optimizer_g, self.max_grad_norm_g, logs, "grad_norm_g")
         return logs
 
 
@@ -267,10 +254,7 @@ class FlowMatchingTrainingStep:
             loss = flow_matching_loss(velocity_pred, noise - x0)
             self.accelerator.backward(loss)
             logs = {"loss": loss.detach()}
-            if self.accelerator.sync_gradients and self.max_grad_norm:
-                logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer_update(self.accelerator, self.model, self.optimizer, self.max_grad_norm, logs, "grad_norm")
             if self.ema is not None and self.accelerator.sync_gradients:
                 self.ema.update(self.model, self.ema_decay(step))
         return logs

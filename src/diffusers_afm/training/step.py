@@ -73,6 +73,17 @@ def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def optimizer_update(accelerator, model, optimizer, max_grad_norm: Optional[float], logs: Dict[str, torch.Tensor],
+                     name: str) -> None:
+    """After the backward: clip `model`'s gradients (when they are synchronised and `max_grad_norm`
+    is set; the norm goes into `logs[name]`), step the optimizer and free the gradients. Every
+    network update of the AFM and CAFM steps goes through here."""
+    if accelerator.sync_gradients and max_grad_norm:
+        logs[name] = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _sample(output) -> torch.Tensor:
     """Our transformer returns an output object; toy MLPs return a tensor."""
     return output.sample if hasattr(output, "sample") else output
@@ -147,11 +158,6 @@ class AFMTrainingStep:
             output = _sample(model(x_s, class_labels, s, t))
         return flow.generator_step(output.float(), x_s, s, t, self.objective.prediction_type)
 
-    def _clip(self, model, max_norm) -> Optional[torch.Tensor]:
-        if not self.accelerator.sync_gradients or not max_norm:
-            return None
-        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-
     # ---------------------------------------------------------------- D step
     def discriminator_logits(self, real, fake, class_labels, t, num_perturbed: int):
         """`D(real)`, `D(fake)` (B,) and `D(real + eps n1)`, `D(fake + eps n2)` for the first
@@ -195,11 +201,7 @@ class AFMTrainingStep:
             obj.gp_scale, obj.gp_eps, obj.cp_scale,
         )
         self.accelerator.backward(loss)
-        grad_norm = self._clip(self.discriminator, self.max_grad_norm_d)
-        if grad_norm is not None:
-            logs["grad_norm_d"] = grad_norm
-        self.optimizer_d.step()
-        self.optimizer_d.zero_grad(set_to_none=True)
+        optimizer_update(self.accelerator, self.discriminator, self.optimizer_d, self.max_grad_norm_d, logs, "grad_norm_d")
         return logs
 
     # ---------------------------------------------------------------- G step
@@ -234,10 +236,6 @@ class AFMTrainingStep:
             self.accelerator.backward(loss)
         finally:
             critic.requires_grad_(True)
-        grad_norm = self._clip(self.generator, self.max_grad_norm_g)
-        if grad_norm is not None:
-            logs["grad_norm_g"] = grad_norm
-        self.optimizer_g.step()
-        self.optimizer_g.zero_grad(set_to_none=True)
+        optimizer_update(self.accelerator, self.generator, self.optimizer_g, self.max_grad_norm_g, logs, "grad_norm_g")
         logs["ot_scale"] = torch.full((), ot_scale, device=fake.device)  # a fill, not a host-to-device copy
         return logs
