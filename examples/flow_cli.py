@@ -3,13 +3,12 @@ and `train_cafm.py` (Continuous-AFM post-training).
 
 Both train a `FlowMatchingTransformer2DModel` on the data of `training_cli`, sample their validation
 grids with the pipeline's ODE solver, checkpoint with `CheckpointIO`, and end with an `AFMPipeline`
-folder (EMA weights, class names, samples, a model card). The loop (batches, one host sync per step,
-checkpoints, validation) and the output are written here once; each trainer supplies its step.
+folder (EMA weights, class names, samples, a model card). Their validation and their output are
+written here once; the loop is `training_cli.train_loop`, with each trainer's step.
 """
 
 import argparse
 import os
-import time
 from typing import Callable, Dict, Optional
 
 from accelerate.logging import get_logger
@@ -18,7 +17,6 @@ from diffusers_afm import AFMPipeline, FlowMatchingTransformer2DModel, export_st
 from diffusers_afm.flow import SOLVERS
 from diffusers_afm.pipelines import class_grid
 from diffusers_afm.training.cafm import TIME_SAMPLINGS
-from diffusers_afm.training.loop import epoch_batches, host_values
 from diffusers_afm.utils import atomic_directory, save_pretrained_into
 from training_cli import TRUNK_KEYS, add_hub_arguments, flag_error, log_grid, save_grid, trunk_config
 
@@ -110,42 +108,13 @@ def save_flow_pipeline(args, accelerator, ema_model, vae, id2label, step: int, s
     return grid
 
 
-# ----------------------------------------------------------------------------- the loop
-def train_loop(args, accelerator, data, dataloader, train_step: Callable, checkpoints, global_step: int,
-               ema, schedulers=(), postfix: Callable[[Dict[str, float]], Dict[str, str]] = lambda v: {}) -> int:
-    """Run `train_step(x0, labels, step)` from `global_step` to `args.max_train_steps`: one host
-    sync per step (logs, and the non-finite guard), checkpoints, validation grids of the EMA model.
-    Returns the final step."""
-    from tqdm.auto import tqdm
+def validation_callback(args, accelerator, ema, data) -> Callable[[int], None]:
+    """`after_checkpoint` of `training_cli.train_loop`: the EMA model's grid every `--validation_steps`."""
 
-    rng = checkpoints.noise_generator
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    last_time, images_seen = time.perf_counter(), 0
-    for batch in epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps):
-        if global_step >= args.max_train_steps:
-            break
-        x0 = data.latents(batch, rng)
-        logs = train_step(x0, batch["class_labels"], global_step)
-        for scheduler in schedulers:
-            scheduler.step()
-        images_seen += x0.shape[0]
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        progress.update(1)
-        values = host_values(logs, global_step, args.output_dir)
-        now = time.perf_counter()
-        values["images_per_sec"] = images_seen * accelerator.num_processes / (now - last_time)
-        if schedulers:
-            values["lr"] = schedulers[0].get_last_lr()[0]
-        last_time, images_seen = now, 0
-        accelerator.log(values, step=global_step)
-        progress.set_postfix(**postfix(values))
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+    def validate(step: int) -> None:
+        if step % args.validation_steps == 0 and accelerator.is_main_process:
             grid = validation_grid(args, ema.model, data.vae, data.id2label)
-            save_grid(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
-            log_grid(accelerator, grid, global_step)
-    progress.close()
-    return global_step
+            save_grid(grid, os.path.join(args.output_dir, "samples", f"step_{step:07d}.png"))
+            log_grid(accelerator, grid, step)
+
+    return validate

@@ -20,7 +20,6 @@ win); `--dry_run` prints the resolved settings as JSON and exits. The run ends w
 
 import argparse
 import os
-import time
 
 import torch
 from accelerate.logging import get_logger
@@ -48,8 +47,8 @@ from diffusers_afm.training import (
     ema_warmup,
 )
 from diffusers_afm.training import recipe
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
-from diffusers_afm.training.loop import NonFiniteLossError, adamw, epoch_batches, host_values, noise_generator
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
+from diffusers_afm.training.loop import NonFiniteLossError, adamw, noise_generator
 from diffusers_afm.utils import atomic_directory, parse_nfe, save_pretrained_into
 from training_cli import (
     DIGITS_MODEL,
@@ -64,15 +63,13 @@ from training_cli import (
     check_hub_arguments,
     check_model_input,
     check_run_arguments,
-    create_hub_repo,
     flag_error,
     init_trackers,
     log_grid,
-    resolve_train_steps,
     resolved_settings,
+    start_run,
+    train_loop,
     save_grid,
-    setup_accelerator,
-    training_data_kwargs,
     upload_output,
     model_summary,
     planned_model_inputs,
@@ -372,14 +369,9 @@ def main(argv=None):
 
 
 def train(args: argparse.Namespace) -> str:
-    accelerator = setup_accelerator(args)
-    hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
-    # A damaged checkpoint is an error now, before any data or model is loaded.
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-
-    # 1. Data (every label is checked against the model's classes before training starts) and the VAE
-    data = load_training_data(**training_data_kwargs(args, accelerator))
-    resolve_train_steps(args, data.dataloader, accelerator.num_processes)
+    # 1. The Accelerator, the Hub repository, the checkpoint to resume (verified before any data is
+    #    loaded), the data (every label checked against the model's classes) and the VAE
+    accelerator, hub_repo_id, resume_path, data = start_run(args, load_training_data)
 
     # 2. Models (from a finished run with --init_from), EMA, gradient normalization
     generator, discriminator = build_models(args, data.sample_size, data.in_channels, data.num_classes)
@@ -459,46 +451,20 @@ def train(args: argparse.Namespace) -> str:
     logger.info(f"{len(data.dataset)} images, {data.num_classes} classes, batch {total_batch}, {args.max_train_steps} steps")
 
     # 4. Train
-    from tqdm.auto import tqdm
-
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    last_time, images_seen = time.perf_counter(), 0
-    batches = epoch_batches(accelerator, train_dataloader, global_step, args.max_train_steps,
-                            args.gradient_accumulation_steps)
-    for batch in batches:
-        if global_step >= args.max_train_steps:
-            break
-        x0 = data.latents(batch, rng)
-        logs = train_step(x0, batch["class_labels"], global_step)
-        for scheduler in schedulers:
-            scheduler.step()  # prepared by Accelerate: it steps only when the optimizers did
-        images_seen += x0.shape[0]
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        progress.update(1)
-
-        # One host sync per step for logging; it also guards against a diverged run.
-        values = host_values(logs, global_step, args.output_dir)
-        now = time.perf_counter()
-        values["images_per_sec"] = images_seen * accelerator.num_processes / (now - last_time)
-        values["lr"] = schedulers[0].get_last_lr()[0]
-        last_time, images_seen = now, 0
-        accelerator.log(values, step=global_step)
-        progress.set_postfix(loss_d=f"{values['loss_d']:.3f}", loss_g=f"{values['loss_g']:.3f}")
-
+    def before_checkpoint(step):
         # Before the checkpoint, so that a run resumed from it continues from the reloaded weights.
-        if args.autoreload_steps is not None and global_step % args.autoreload_steps == 0:
+        if args.autoreload_steps is not None and step % args.autoreload_steps == 0:
             autoreload(accelerator, generator, discriminator, ema, discriminator_start)
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+
+    def after_checkpoint(step):
+        nonlocal metrics
+        if step % args.validation_steps == 0 and accelerator.is_main_process:
             pipeline = AFMPipeline(transformer=ema.model, vae=data.vae, id2label=data.id2label)
             pipeline.set_progress_bar_config(disable=True)
             grid = class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed)
-            save_grid(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
-            log_grid(accelerator, grid, global_step)
-        if evaluation is not None and global_step % args.eval_steps == 0:
+            save_grid(grid, os.path.join(args.output_dir, "samples", f"step_{step:07d}.png"))
+            log_grid(accelerator, grid, step)
+        if evaluation is not None and step % args.eval_steps == 0:
             # On every process: the samples are sharded and their features gathered.
             evaluate, extractor, reference = evaluation
             pipeline = AFMPipeline(transformer=ema.model, vae=data.vae, id2label=data.id2label)
@@ -506,9 +472,14 @@ def train(args: argparse.Namespace) -> str:
             metrics = evaluate(pipeline, reference, extractor, num_samples=args.eval_num_samples,
                                batch_size=args.eval_batch_size, seed=args.seed, accelerator=accelerator)
             if accelerator.is_main_process:
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)
-                logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    progress.close()
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+                logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    global_step = train_loop(
+        args, accelerator, data, train_dataloader, train_step, checkpoints, global_step, schedulers,
+        postfix=lambda v: {"loss_d": f"{v['loss_d']:.3f}", "loss_g": f"{v['loss_g']:.3f}"},
+        before_checkpoint=before_checkpoint, after_checkpoint=after_checkpoint,
+    )
     statistic = float(grad_norm.square_avg) if grad_norm is not None else None
     logger.info(f"rank {accelerator.process_index} finished: step {global_step}, grad-norm statistic {statistic!r}",
                 main_process_only=False)

@@ -29,9 +29,15 @@ from diffusers_afm import AdversarialFlowDiscriminator, FlowMatchingTransformer2
 from diffusers_afm.data import DEFAULT_VAE, load_training_data
 from diffusers_afm.training import ModelEMA
 from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
 from diffusers_afm.training.loop import adamw, noise_generator
-from flow_cli import add_flow_arguments, check_data_fits, check_flow_arguments, save_flow_pipeline, train_loop
+from flow_cli import (
+    add_flow_arguments,
+    check_data_fits,
+    check_flow_arguments,
+    save_flow_pipeline,
+    validation_callback,
+)
 from training_cli import (
     TrainingArgumentParser,
     add_adamw_arguments,
@@ -41,15 +47,13 @@ from training_cli import (
     check_hub_arguments,
     check_model_input,
     check_run_arguments,
-    create_hub_repo,
     flag_error,
     init_trackers,
     planned_model_inputs,
     resolve_data_defaults,
-    resolve_train_steps,
     resolved_settings,
-    setup_accelerator,
-    training_data_kwargs,
+    start_run,
+    train_loop,
     upload_output,
 )
 import training_cli
@@ -143,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "train_flow_matching.py or `afm-convert --format sit`).")
     # The local copy; the flag keeps the name the user gave (the model card's base_model for a Hub id).
     args.pretrained_folder = pretrained_folder(args.pretrained_model_name_or_path)
-    config = read_flow_config(args.pretrained_folder)
+    config = args.pretrained_config = read_flow_config(args.pretrained_folder)
     if args.vae is None and os.path.isfile(os.path.join(args.pretrained_folder, "vae", "config.json")):
         args.vae = args.pretrained_folder  # the VAE the model was trained with
     flow_trunk = {k: config[k] for k in ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim", "mlp_ratio")}
@@ -187,7 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    config = read_flow_config(args.pretrained_folder)
+    config = args.pretrained_config
     summary = {"generator": {"class": FLOW_MODEL, "config": {k: v for k, v in config.items() if not k.startswith("_")}}}
     return {**resolved_settings(args, build_parser()), "_model": summary}
 
@@ -213,12 +217,7 @@ def main(argv=None):
 
 
 def train(args: argparse.Namespace) -> str:
-    accelerator = setup_accelerator(args)
-    hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-
-    data = load_training_data(**training_data_kwargs(args, accelerator))
-    resolve_train_steps(args, data.dataloader, accelerator.num_processes)
+    accelerator, hub_repo_id, resume_path, data = start_run(args, load_training_data)
     generator, discriminator = build_models(args)
     check_data_fits(generator, data, f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path}")
     if args.gradient_checkpointing:
@@ -259,7 +258,8 @@ def train(args: argparse.Namespace) -> str:
     def postfix(values):
         return {"loss_d": f"{values['loss_d']:.3f}"} if "loss_d" in values else {"loss_g": f"{values['loss_g']:.3f}"}
 
-    global_step = train_loop(args, accelerator, data, dataloader, step, checkpoints, global_step, ema, schedulers, postfix)
+    global_step = train_loop(args, accelerator, data, dataloader, step, checkpoints, global_step, schedulers, postfix,
+                             after_checkpoint=validation_callback(args, accelerator, ema, data))
     # Under DDP every rank must hold the same weights: the log shows each rank's sums (the tests compare them).
     sums = {name: sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(model).parameters())
             for name, model in (("generator", generator), ("discriminator", discriminator))}

@@ -27,7 +27,7 @@ from diffusers_afm import AFM_PRESETS, FlowMatchingTransformer2DModel, preset_co
 from diffusers_afm.data import DEFAULT_VAE, load_training_data
 from diffusers_afm.training import ModelEMA, ema_warmup
 from diffusers_afm.training.cafm import FlowMatchingTrainingStep
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
 from diffusers_afm.training.loop import adamw, noise_generator
 from flow_cli import (
     add_flow_arguments,
@@ -35,7 +35,7 @@ from flow_cli import (
     check_data_fits,
     check_flow_arguments,
     save_flow_pipeline,
-    train_loop,
+    validation_callback,
 )
 from training_cli import (
     DIGITS_MODEL,
@@ -48,16 +48,14 @@ from training_cli import (
     check_model_input,
     check_model_spec,
     check_run_arguments,
-    create_hub_repo,
     flag_error,
     init_trackers,
     model_summary,
     planned_model_inputs,
     resolve_data_defaults,
-    resolve_train_steps,
     resolved_settings,
-    setup_accelerator,
-    training_data_kwargs,
+    start_run,
+    train_loop,
     upload_output,
 )
 import training_cli
@@ -137,12 +135,7 @@ def main(argv=None):
 
 
 def train(args: argparse.Namespace) -> str:
-    accelerator = setup_accelerator(args)
-    hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-
-    data = load_training_data(**training_data_kwargs(args, accelerator))
-    resolve_train_steps(args, data.dataloader, accelerator.num_processes)
+    accelerator, hub_repo_id, resume_path, data = start_run(args, load_training_data)
     model = build_flow_model(args, data.sample_size, data.in_channels, data.num_classes)
     if args.init_from is not None:
         source = FlowMatchingTransformer2DModel.from_pretrained(os.path.join(args.init_from, "transformer"))
@@ -171,8 +164,9 @@ def train(args: argparse.Namespace) -> str:
         global_step = checkpoints.load(resume_path, verify=False)
         logger.info(f"Resumed from {resume_path} at step {global_step}")
     init_trackers(accelerator, args.tracker_project_name, settings(args))
-    global_step = train_loop(args, accelerator, data, dataloader, step, checkpoints, global_step, ema, [scheduler],
-                             postfix=lambda v: {"loss": f"{v['loss']:.4f}"})
+    global_step = train_loop(args, accelerator, data, dataloader, step, checkpoints, global_step, [scheduler],
+                             postfix=lambda v: {"loss": f"{v['loss']:.4f}"},
+                             after_checkpoint=validation_callback(args, accelerator, ema, data))
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

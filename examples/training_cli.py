@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -552,6 +553,70 @@ def setup_accelerator(args: argparse.Namespace):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
+
+
+def start_run(args: argparse.Namespace, load_training_data: Callable):
+    """What every trainer does first, in this order: the Accelerator, the `--push_to_hub` repository
+    (created now, so that a bad token fails before training), the checkpoint to resume (a damaged
+    one is an error before any data is loaded), then the data and the VAE (`load_training_data`,
+    `diffusers_afm.data`'s, passed by the trainer so that it stays the trainer's name), and
+    `--num_train_epochs` turned into steps. Returns `(accelerator, hub_repo_id, resume_path, data)`."""
+    from diffusers_afm.training.checkpoint import resolve_resume
+
+    accelerator = setup_accelerator(args)
+    push = getattr(args, "push_to_hub", False)
+    hub_repo_id = create_hub_repo(args) if push and accelerator.is_main_process else None
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    data = load_training_data(**training_data_kwargs(args, accelerator))
+    resolve_train_steps(args, data.dataloader, accelerator.num_processes)
+    return accelerator, hub_repo_id, resume_path, data
+
+
+def train_loop(args: argparse.Namespace, accelerator, data, dataloader, train_step: Callable, checkpoints,
+               global_step: int, schedulers=(), postfix: Callable[[Dict[str, float]], Dict[str, str]] = lambda v: {},
+               before_checkpoint: Optional[Callable[[int], None]] = None,
+               after_checkpoint: Optional[Callable[[int], None]] = None) -> int:
+    """The loop of every generator trainer: `train_step(x0, labels, step)` from `global_step` to
+    `args.max_train_steps`, resuming mid-epoch; one host sync per optimizer step (the logs, and the
+    non-finite guard); a checkpoint every `--checkpointing_steps` and at the end. `before_checkpoint`
+    and `after_checkpoint(step)` are the trainer's own work around the checkpoint (AFM's autoreload;
+    validation grids, evaluation). Returns the final step."""
+    from tqdm.auto import tqdm
+
+    from diffusers_afm.training.loop import epoch_batches, host_values
+
+    rng = checkpoints.noise_generator
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    last_time, images_seen = time.perf_counter(), 0
+    for batch in epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps):
+        if global_step >= args.max_train_steps:
+            break
+        x0 = data.latents(batch, rng)
+        logs = train_step(x0, batch["class_labels"], global_step)
+        for scheduler in schedulers:
+            scheduler.step()  # prepared by Accelerate: it steps only when the optimizers did
+        images_seen += x0.shape[0]
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        progress.update(1)
+        # One host sync per step for logging; it also guards against a diverged run.
+        values = host_values(logs, global_step, args.output_dir)
+        now = time.perf_counter()
+        values["images_per_sec"] = images_seen * accelerator.num_processes / (now - last_time)
+        if schedulers:
+            values["lr"] = schedulers[0].get_last_lr()[0]
+        last_time, images_seen = now, 0
+        accelerator.log(values, step=global_step)
+        progress.set_postfix(**postfix(values))
+        if before_checkpoint is not None:
+            before_checkpoint(global_step)
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
+        if after_checkpoint is not None:
+            after_checkpoint(global_step)
+    progress.close()
+    return global_step
 
 
 def init_trackers(accelerator, name: str, settings: Dict) -> None:

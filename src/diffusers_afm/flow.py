@@ -150,10 +150,10 @@ def solve_ode(
         t_next = grid[i + 1].expand(noise.shape[0])
         dt = grid[i] - grid[i + 1]
         v = velocity_fn(x, t)
-        x_euler = x - dt * v
+        x_next = x - dt * v  # Euler; Heun's corrector averages v with the velocity at this point
         if solver == "heun":
-            x_euler = x - dt * 0.5 * (v + velocity_fn(x_euler, t_next))
-        x = x_euler
+            x_next = x - dt * 0.5 * (v + velocity_fn(x_next, t_next))
+        x = x_next
         if on_step_end is not None:
             replaced = on_step_end(i, grid[i], x)
             x = x if replaced is None else replaced

@@ -327,8 +327,7 @@ class AFMPipeline(DiffusionPipeline):
     def check_inputs(self, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
                      solver=None, num_inference_steps=None):
         if is_flow_model(self.transformer):
-            check_solver(DEFAULT_FLOW_SOLVER if solver is None else solver,
-                         DEFAULT_FLOW_STEPS if num_inference_steps is None else num_inference_steps)
+            check_solver(solver, num_inference_steps)
             if guidance_scale is not None:
                 if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
                     raise ValueError(f"`guidance_scale` must be a number >= 0 (1 = no guidance), got {guidance_scale!r}.")
@@ -411,15 +410,16 @@ class AFMPipeline(DiffusionPipeline):
         # 0. Check inputs before any work
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        flow_kwargs = {}
+        if is_flow_model(self.transformer):  # the flow models' defaults, resolved before the checks
+            solver = DEFAULT_FLOW_SOLVER if solver is None else solver
+            num_inference_steps = DEFAULT_FLOW_STEPS if num_inference_steps is None else num_inference_steps
         self.check_inputs(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
                           solver, num_inference_steps)
         config = self.transformer.config
         trained_steps = allowed_num_inference_steps(config)
-        flow_kwargs = {}
         if is_flow_model(self.transformer):
-            flow_kwargs = dict(guidance_scale=1.0 if guidance_scale is None else float(guidance_scale),
-                               solver=solver or DEFAULT_FLOW_SOLVER)
-            num_inference_steps = DEFAULT_FLOW_STEPS if num_inference_steps is None else num_inference_steps
+            flow_kwargs = dict(guidance_scale=1.0 if guidance_scale is None else float(guidance_scale), solver=solver)
         if num_inference_steps is None:
             num_inference_steps = trained_steps or 1
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:

@@ -17,13 +17,14 @@ baseline CAFM starts from) is `flow_matching_loss` with `FlowMatchingTrainingSte
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from ..flow import interpolate
 from .ema import ModelEMA
-from .step import optimizer_update, without_ddp
+from .schedules import constant
+from .step import _sample as _velocity, optimizer_update, without_ddp
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "logit_normal_jit")
 
@@ -91,11 +92,6 @@ def drop_class_labels(class_labels: torch.LongTensor, null_class_id: Optional[in
         return class_labels
     keep = torch.rand(class_labels.shape[0], device=class_labels.device, generator=generator) >= probability
     return torch.where(keep, class_labels, torch.full_like(class_labels, null_class_id))
-
-
-def _velocity(output) -> torch.Tensor:
-    """Our transformer returns an output object; toy MLPs return a tensor."""
-    return output.sample if hasattr(output, "sample") else output
 
 
 # ----------------------------------------------------------------------------- the step
@@ -231,14 +227,14 @@ class FlowMatchingTrainingStep:
     """One step of plain rectified flow matching (the baseline CAFM post-trains), with class dropout."""
 
     def __init__(self, accelerator, model, optimizer, ema: Optional[ModelEMA] = None,
-                 ema_decay: Union[float, "callable"] = 0.9999, max_grad_norm: Optional[float] = 1.0,
+                 ema_decay: Union[float, Callable[[int], float]] = 0.9999, max_grad_norm: Optional[float] = 1.0,
                  time_sampling: str = "uniform", class_dropout_prob: float = 0.1,
                  null_class_id: Optional[int] = None, noise_generator: Optional[torch.Generator] = None):
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"`time_sampling` must be one of {TIME_SAMPLINGS}, got {time_sampling!r}.")
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.ema = ema
-        self.ema_decay = ema_decay if callable(ema_decay) else (lambda step, d=ema_decay: d)
+        self.ema_decay = ema_decay if callable(ema_decay) else constant(ema_decay)
         self.max_grad_norm = max_grad_norm
         self.time_sampling, self.class_dropout_prob = time_sampling, class_dropout_prob
         self.null_class_id = null_class_id
