@@ -51,13 +51,16 @@ step penalty_precision "$PY" benchmarks/penalty_precision.py --device cuda --all
 # Continuous AFM: which SDPA kernels have forward-mode AD on this GPU, and a CAFM iteration against an AFM one (B/2).
 step cafm_step "$PY" benchmarks/cafm_step.py --device cuda --sizes B/2 --batch_size 32 --sample_size 32 --dtype bf16 \
   --repeats 5 --json "$RESULTS/cafm_step.json"
+# Text-to-image CAFM at Z-Image's full width (3840, 2 of its 30 layers), 512 px, bf16, with and without checkpointing.
+step cafm_zimage_step "$PY" benchmarks/cafm_zimage_step.py --device cuda --dim 3840 --n_layers 2 --resolution 512 \
+  --batch_size 1 --dtype bf16 --repeats 3 --json "$RESULTS/cafm_zimage_step.json"
 step train_step "$PY" benchmarks/train_step.py --device cuda --sizes XL/2 B/2 --batch_size 32 --sample_size 32 \
   --configs bf16/none/off bf16/blocks/off bf16/blocks/on bf16/none/on \
   --steps 10 --warmup 2 --timeout 240 --budget $((460 - (SECONDS - start))) --json "$RESULTS/train_step.json"
 
 echo
 echo "== tables ($((SECONDS - start)) s) =="
-for name in compare_dit sampling penalty_precision cafm_step train_step; do
+for name in compare_dit sampling penalty_precision cafm_step cafm_zimage_step train_step; do
   echo "-- $name"
   # the last table of each log, with the line above it (the settings), and compare_dit's ratio line
   awk '/^\|/ { if (!intable) { block = prev "\n"; intable = 1 } block = block $0 "\n"; next }

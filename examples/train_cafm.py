@@ -20,17 +20,15 @@ generator) that samples with `solver=` and `guidance_scale=`, and the final `dis
 import argparse
 import json
 import os
-import warnings
 
 from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
 
 from diffusers_afm import AdversarialFlowDiscriminator, FlowMatchingTransformer2DModel
 from diffusers_afm.data import DEFAULT_VAE, load_training_data
 from diffusers_afm.training import ModelEMA
 from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep
 from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
-from diffusers_afm.training.loop import adamw, noise_generator
+from diffusers_afm.training.loop import noise_generator
 from flow_cli import (
     add_flow_arguments,
     check_data_fits,
@@ -44,11 +42,13 @@ from training_cli import (
     add_data_arguments,
     add_run_arguments,
     apply_defaults,
+    cafm_optimizers,
     check_hub_arguments,
     check_model_input,
     check_run_arguments,
     flag_error,
     init_trackers,
+    log_weight_sums,
     planned_model_inputs,
     resolve_data_defaults,
     resolved_settings,
@@ -108,18 +108,9 @@ def transformer_folder(path: str) -> str:
 
 
 def pretrained_folder(path: str) -> str:
-    """A local folder as it is; a Hub id downloaded (or found in the cache) with its configs and
-    safetensors weights only."""
-    if os.path.isdir(path):
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "transformer/*", "vae/*", "*.safetensors", "README.md"])
-    except Exception as err:  # not an id, not on the Hub, offline and not cached, no access
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise flag_error("pretrained_model_name_or_path", path,
-                         f"a local flow-model folder, or a Hub repository id that can be downloaded ({reason})") from None
+    """A local folder as it is; a Hub id downloaded (its configs and safetensors weights only)."""
+    return training_cli.pretrained_folder(path, "a local flow-model folder",
+                                          ["*.json", "transformer/*", "vae/*", "*.safetensors", "README.md"])
 
 
 def read_flow_config(path: str) -> dict:
@@ -226,17 +217,7 @@ def train(args: argparse.Namespace) -> str:
         logger.info("--gradient_checkpointing: on for the generator; the discriminator's JVP runs without it")
     logger.info(f"generator {generator.num_parameters() / 1e6:.2f}M, discriminator {discriminator.num_parameters() / 1e6:.2f}M parameters")
 
-    betas, eps, weight_decay = (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay
-    optimizer_g = adamw(generator.parameters(), args.learning_rate, betas, eps, weight_decay)
-    optimizer_d = adamw(discriminator.parameters(), args.discriminator_learning_rate, betas, eps, weight_decay)
-    # Both schedules count iterations (D and G steps alike), so one network's scheduler also steps in
-    # the other's iterations; torch warns once about that at the first D step.
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-    schedulers = [
-        get_scheduler(args.lr_scheduler, optimizer=opt, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                      num_training_steps=args.max_train_steps * accelerator.num_processes)
-        for opt in (optimizer_g, optimizer_d)
-    ]
+    optimizer_g, optimizer_d, schedulers = cafm_optimizers(args, accelerator, generator, discriminator)
     generator, discriminator, optimizer_g, optimizer_d, dataloader, *schedulers = accelerator.prepare(
         generator, discriminator, optimizer_g, optimizer_d, data.dataloader, *schedulers
     )
@@ -261,9 +242,7 @@ def train(args: argparse.Namespace) -> str:
     global_step = train_loop(args, accelerator, data, dataloader, step, checkpoints, global_step, schedulers, postfix,
                              after_checkpoint=validation_callback(args, accelerator, ema, data))
     # Under DDP every rank must hold the same weights: the log shows each rank's sums (the tests compare them).
-    sums = {name: sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(model).parameters())
-            for name, model in (("generator", generator), ("discriminator", discriminator))}
-    logger.info(f"rank {accelerator.process_index} finished: step {global_step}, weight sums {sums}", main_process_only=False)
+    log_weight_sums(accelerator, global_step, generator=generator, discriminator=discriminator)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -575,8 +575,10 @@ def start_run(args: argparse.Namespace, load_training_data: Callable):
 def train_loop(args: argparse.Namespace, accelerator, data, dataloader, train_step: Callable, checkpoints,
                global_step: int, schedulers=(), postfix: Callable[[Dict[str, float]], Dict[str, str]] = lambda v: {},
                before_checkpoint: Optional[Callable[[int], None]] = None,
-               after_checkpoint: Optional[Callable[[int], None]] = None) -> int:
-    """The loop of every generator trainer: `train_step(x0, labels, step)` from `global_step` to
+               after_checkpoint: Optional[Callable[[int], None]] = None,
+               batch_inputs: Optional[Callable] = None) -> int:
+    """The loop of every generator trainer: `train_step(*batch_inputs(batch, rng), step)` (by default
+    `(x0, class_labels)`; the text-to-image trainer's are latents and text embeddings) from `global_step` to
     `args.max_train_steps`, resuming mid-epoch; one host sync per optimizer step (the logs, and the
     non-finite guard); a checkpoint every `--checkpointing_steps` and at the end. `before_checkpoint`
     and `after_checkpoint(step)` are the trainer's own work around the checkpoint (AFM's autoreload;
@@ -591,11 +593,11 @@ def train_loop(args: argparse.Namespace, accelerator, data, dataloader, train_st
     for batch in epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps):
         if global_step >= args.max_train_steps:
             break
-        x0 = data.latents(batch, rng)
-        logs = train_step(x0, batch["class_labels"], global_step)
+        inputs = batch_inputs(batch, rng) if batch_inputs is not None else (data.latents(batch, rng), batch["class_labels"])
+        logs = train_step(*inputs, global_step)
         for scheduler in schedulers:
             scheduler.step()  # prepared by Accelerate: it steps only when the optimizers did
-        images_seen += x0.shape[0]
+        images_seen += len(inputs[0])
         if not accelerator.sync_gradients:
             continue
         global_step += 1
@@ -625,6 +627,37 @@ def init_trackers(accelerator, name: str, settings: Dict) -> None:
         accelerator.init_trackers(name, config=config)
 
 
+# ----------------------------------------------------------------------------- the two CAFM networks
+def cafm_optimizers(args: argparse.Namespace, accelerator, generator, discriminator):
+    """AdamW for each CAFM network (`--learning_rate`, `--discriminator_learning_rate`, shared betas,
+    eps and weight decay) and one `--lr_scheduler` each. Returns `(optimizer_g, optimizer_d, schedulers)`."""
+    import warnings
+
+    from diffusers.optimization import get_scheduler
+
+    from diffusers_afm.training.loop import adamw
+
+    betas, eps, weight_decay = (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay
+    optimizer_g = adamw(generator.parameters(), args.learning_rate, betas, eps, weight_decay)
+    optimizer_d = adamw(discriminator.parameters(), args.discriminator_learning_rate, betas, eps, weight_decay)
+    # Both schedules count iterations (D and G steps alike), so one network's scheduler also steps in
+    # the other's iterations; torch warns once about that at the first D step.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+    schedulers = [
+        get_scheduler(args.lr_scheduler, optimizer=opt, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                      num_training_steps=args.max_train_steps * accelerator.num_processes)
+        for opt in (optimizer_g, optimizer_d)
+    ]
+    return optimizer_g, optimizer_d, schedulers
+
+
+def log_weight_sums(accelerator, step: int, **models) -> None:
+    """Each rank's weight sums at the end: under DDP they must be equal (the two-process tests compare them)."""
+    sums = {name: sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(model).parameters())
+            for name, model in models.items()}
+    logger.info(f"rank {accelerator.process_index} finished: step {step}, weight sums {sums}")
+
+
 # ----------------------------------------------------------------------------- the Hub and outputs
 def add_hub_arguments(p: argparse.ArgumentParser) -> None:
     """The Hub flags of diffusers' example trainers, and the standalone code export."""
@@ -636,6 +669,21 @@ def add_hub_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--standalone_hub_files", action="store_true",
                    help="Also write self-contained model and pipeline code into the output folder, so that "
                         "DiffusionPipeline.from_pretrained(..., trust_remote_code=True) loads it without diffusers-afm.")
+
+
+def pretrained_folder(path: str, what: str, allow_patterns: List[str]) -> str:
+    """`--pretrained_model_name_or_path`: a local folder as it is; a Hub id downloaded (or found in the
+    cache) with the files `allow_patterns` match; a clear error naming `what` is expected otherwise."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=allow_patterns)
+    except Exception as err:  # not an id, not on the Hub, offline and not cached, no access
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise flag_error("pretrained_model_name_or_path", path,
+                         f"{what}, or a Hub repository id that can be downloaded ({reason})") from None
 
 
 def upload_output(args: argparse.Namespace, repo_id: str, commit_message: str) -> None:

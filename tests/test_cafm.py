@@ -137,6 +137,17 @@ def test_jvp_refuses_gradient_checkpointing_clearly():
     assert cafm.token.grad is not None
 
 
+@pytest.fixture
+def keep_global_attention_backend():
+    """diffusers' `set_attention_backend` also sets the process-wide backend: put it back afterwards."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    saved = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry._active_backend = saved
+
+
+@pytest.mark.usefixtures("keep_global_attention_backend")
 def test_jvp_overrides_a_backend_without_forward_ad_and_restores_it():
     cafm = AdversarialFlowDiscriminator.for_flow_model(tiny_flow_model())
     cafm.set_attention_backend("_native_flash")  # the CPU flash kernel: no forward-mode AD formula

@@ -12,6 +12,7 @@ from .models import (
     AdversarialFlowClassifier,
     AdversarialFlowDiscriminator,
     AdversarialFlowTransformer2DModel,
+    AdversarialFlowZImageDiscriminator,
     FlowMatchingTransformer2DModel,
     preset_config,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "AdversarialFlowClassifier",
     "AdversarialFlowDiscriminator",
     "AdversarialFlowTransformer2DModel",
+    "AdversarialFlowZImageDiscriminator",
     "FlowMatchingTransformer2DModel",
     "export_standalone",
     "make_model_card",

@@ -257,4 +257,66 @@ def save_model_card(folder: str, **kwargs) -> str:
     return path
 
 
-__all__ = ["make_model_card", "save_model_card"]
+TEXT_TO_IMAGE_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ summary }}
+{% if sample_grid %}
+![samples]({{ sample_grid }})
+{% endif %}
+## Use
+
+The generator is a stock `ZImageTransformer2DModel`: diffusers alone samples from it.
+
+```python
+import torch
+from diffusers import ZImagePipeline
+
+pipe = ZImagePipeline.from_pretrained("{{ repo_id }}", torch_dtype=torch.bfloat16).to("cuda")
+image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=4.0).images[0]
+```
+{% if training_settings %}
+## Training settings
+
+```json
+{{ training_settings }}
+```
+{% endif %}
+## Citation
+
+Continuous Adversarial Flow Models, Lin, Yang, Lin, Chen and Fan, 2026 ([arXiv 2604.11521]({{ cafm_paper_url }})),
+trained with [diffusers-afm]({{ project_url }}).
+"""
+
+
+def save_text_to_image_model_card(folder: str, *, repo_id: Optional[str] = None, base_model: Optional[str] = None,
+                                  dataset: Optional[str] = None, training_settings: Optional[Dict[str, Any]] = None,
+                                  sample_grid: Optional[str] = None, description: Optional[str] = None,
+                                  license: Optional[str] = "apache-2.0") -> str:
+    """The README.md of a Continuous-AFM post-trained `ZImagePipeline` folder (atomically); returns its path."""
+    if sample_grid is not None and not os.path.isfile(os.path.join(folder, sample_grid)):
+        raise FileNotFoundError(f"`sample_grid`: no file {sample_grid!r} in {folder!r}.")
+    repo_id = repo_id or os.path.basename(os.path.abspath(folder))
+    card_data = ModelCardData(license=license, base_model=base_model, pipeline_tag="text-to-image",
+                              datasets=[dataset] if dataset and _is_hub_dataset(dataset) else None)
+    summary = (f"A text-to-image Z-Image model post-trained with Continuous Adversarial Flow Models"
+               f"{f' from `{base_model}`' if base_model else ''}{f' on {dataset}' if dataset else ''}. "
+               f"{description or ''}").strip()
+    card = ModelCard.from_template(
+        card_data, template_str=TEXT_TO_IMAGE_TEMPLATE, model_name=repo_id.rstrip("/").rsplit("/", 1)[-1],
+        summary=summary, sample_grid=sample_grid, repo_id=repo_id, project_url=PROJECT_URL, cafm_paper_url=CAFM_PAPER_URL,
+        training_settings=json.dumps(training_settings, indent=2, sort_keys=True, default=str) if training_settings else None,
+    )
+    tags = ["diffusers"] + (["diffusers-training"] if training_settings else [])
+    tags += ["text-to-image", "z-image", "flow-matching", "continuous-adversarial-flow-models"]
+    card = populate_model_card(card, tags=tags)
+    path = os.path.join(folder, "README.md")
+    with atomic_file(path, "wb") as f:
+        f.write(str(card).encode("utf-8"))
+    return path
+
+
+__all__ = ["make_model_card", "save_model_card", "save_text_to_image_model_card"]

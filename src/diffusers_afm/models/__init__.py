@@ -1,4 +1,5 @@
 from .discriminator_afm import AdversarialFlowClassifier, AdversarialFlowDiscriminator
+from .discriminator_zimage import AdversarialFlowZImageDiscriminator
 from .transformer_afm import AFM_PRESETS, AdversarialFlowTransformer2DModel, preset_config
 from .transformer_flow import FlowMatchingTransformer2DModel
 
@@ -7,6 +8,7 @@ __all__ = [
     "AdversarialFlowClassifier",
     "AdversarialFlowDiscriminator",
     "AdversarialFlowTransformer2DModel",
+    "AdversarialFlowZImageDiscriminator",
     "FlowMatchingTransformer2DModel",
     "preset_config",
 ]

@@ -99,7 +99,10 @@ def math_attention(model: nn.Module):
     softmax, which torch.func differentiates. A backend chosen with `set_attention_backend` is set
     aside for the block and restored after it.
     """
-    processors = [m.processor for m in model.modules() if isinstance(m, AFMAttention)]
+    # Every dispatcher-backed processor: ours (`AFMAttnProcessor`) and diffusers' (Z-Image's
+    # `ZSingleStreamAttnProcessor`), which all read `_attention_backend`.
+    processors = [m.processor for m in model.modules()
+                  if hasattr(type(getattr(m, "processor", None)), "_attention_backend")]
     saved = [p.__dict__.get("_attention_backend", _UNSET) for p in processors]
     for processor in processors:
         processor._attention_backend = AttentionBackendName._NATIVE_MATH
@@ -132,13 +135,24 @@ def directional_derivative(fn, hidden_states: torch.Tensor, timestep: torch.Tens
     if tuple(dt.shape) != tuple(expected):
         raise ValueError(f"`dt` must have shape {tuple(expected)}, got {tuple(dt.shape)}.")
 
-    def along(dx_, dt_):
-        return torch.func.jvp(fn, (hidden_states, timestep), (dx_.to(hidden_states.dtype), dt_.to(timestep.dtype)))
+    return push_forward(fn, (hidden_states, timestep), (dx.to(hidden_states.dtype), dt.to(timestep.dtype)), stacked)
 
+
+def push_forward(fn, primals: tuple, tangents: tuple, stacked: bool):
+    """`(fn(*primals), its JVP along tangents)`: `torch.func.jvp`, vmapped over a leading tangent
+    axis when `stacked` (K directions share one primal pass; the JVP comes out as `(K, ...)`).
+    Primals and tangents may be pytrees (Z-Image takes lists of differently sized latents).
+    `tangents=None` is a plain call: `(fn(*primals), None)`."""
+    if tangents is None:
+        return fn(*primals), None
     if not stacked:
-        return along(dx, dt)
-    out, derivative = torch.func.vmap(along)(dx, dt)
-    return out[0], derivative  # the primal does not depend on the tangent: every row of `out` is fn(x, t)
+        return torch.func.jvp(fn, primals, tangents)
+
+    def along(*tangent):
+        return torch.func.jvp(fn, primals, tangent)
+
+    # The primal output does not depend on the tangent: vmap returns it once (out_dims None).
+    return torch.func.vmap(along, out_dims=(None, 0))(*tangents)
 
 
 def make_norm(norm_type: str, dim: int) -> nn.Module:
@@ -291,6 +305,7 @@ __all__ = [
     "AFMTrunkMixin",
     "as_batch_timesteps",
     "directional_derivative",
+    "push_forward",
     "make_norm",
     "math_attention",
     "timestep_sinusoid",

@@ -17,7 +17,7 @@ baseline CAFM starts from) is `flow_matching_loss` with `FlowMatchingTrainingSte
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -49,11 +49,15 @@ def cafm_discriminator_loss(
 
 
 def cafm_generator_loss(
-    derivative_fake: torch.Tensor, velocity_pred: torch.Tensor, ot_scale: float
+    derivative_fake: torch.Tensor, velocity_pred: Union[torch.Tensor, List[torch.Tensor]], ot_scale: float
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """`mean (dD[v_pred] - 1)^2 + ot_scale * mean v_pred^2`, and its parts for logging."""
+    """`mean (dD[v_pred] - 1)^2 + ot_scale * mean v_pred^2`, and its parts for logging. A list of
+    per-sample velocities (Z-Image's variable sizes) takes the mean of the per-sample means."""
     adversarial = (derivative_fake.float() - 1).square().mean()
-    ot = ot_scale * velocity_pred.float().square().mean()
+    if isinstance(velocity_pred, (list, tuple)):
+        ot = ot_scale * torch.stack([v.float().square().mean() for v in velocity_pred]).mean()
+    else:
+        ot = ot_scale * velocity_pred.float().square().mean()
     loss = adversarial + ot
     return loss, {
         "loss_g": loss.detach(),
