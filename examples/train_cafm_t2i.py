@@ -183,6 +183,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise flag_error("timestep_shift", args.timestep_shift, "a number > 0")
     if args.discriminator is not None and not os.path.isfile(os.path.join(args.discriminator, "config.json")):
         raise flag_error("discriminator", args.discriminator, "a folder written by AdversarialFlowZImageDiscriminator.save_pretrained")
+    if args.standalone_hub_files:
+        raise flag_error("standalone_hub_files", True, "not with this trainer: its output is a stock ZImagePipeline, "
+                         "which diffusers loads without any remote code")
     if args.validation_prompt is None:
         args.validation_prompt = ["a photo of a cat"]
     check_resume_flag(args.resume_from_checkpoint)
