@@ -38,7 +38,7 @@ from diffusers_afm.training.cafm import TIME_SAMPLINGS, CAFMObjective
 from diffusers_afm.training.cafm_zimage import ZIMAGE_TIME_SHIFT, ZImageCAFMTrainingStep
 from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
 from diffusers_afm.training.loop import noise_generator
-from diffusers_afm.utils import atomic_directory, replace_path
+from diffusers_afm.utils import RunStopped, atomic_directory, replace_path
 from training_cli import (
     TrainingArgumentParser,
     add_adamw_arguments,
@@ -265,6 +265,13 @@ def main(argv=None):
 
 def train(args: argparse.Namespace) -> str:
     accelerator = setup_accelerator(args)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Said now rather than as a confusing failure later: ModelEMA copies the unwrapped generator,
+        # which under FSDP holds only this rank's shard (docs/cafm.md, "Not done").
+        raise RunStopped("FSDP is not supported by this trainer yet: the generator's EMA is not sharded. "
+                         "Use DDP (the memory plan in docs/cafm.md says what fits).")
     hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     _, loader = captioned_dataloader(
