@@ -38,11 +38,12 @@ from flow_cli import (
 )
 from training_cli import (
     TrainingArgumentParser,
-    add_adamw_arguments,
+    add_cafm_arguments,
     add_data_arguments,
     add_run_arguments,
     apply_defaults,
     cafm_optimizers,
+    check_cafm_arguments,
     check_hub_arguments,
     check_model_input,
     check_run_arguments,
@@ -83,19 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discriminator", default=None,
                    help="Start from this discriminator folder (a train_cafm.py run's discriminator/) instead of one "
                         "initialised from the generator.")
-    # Objective (docs/method.md, "Continuous AFM")
-    p.add_argument("--num_discriminator_steps", type=int, default=None, help="N: D steps per G step after the warm-up (16).")
-    p.add_argument("--warmup_steps", type=int, default=None, help="Discriminator-only iterations at the start (10000).")
-    p.add_argument("--cp_scale", type=float, default=0.001, help="Weight of the logit centering cp * mean D(x_t)^2.")
-    p.add_argument("--ot_scale", type=float, default=0.0, help="Weight of mean v_pred^2 in the G loss (0 in the reference).")
+    # Objective and optimisation (docs/method.md, "Continuous AFM")
+    add_cafm_arguments(p, warmup="10000", learning_rate_help="The generator's AdamW lr (1e-5; digits 1e-4).", weight_decay=0.0,
+                       discriminator_learning_rate_help="Default: --learning_rate.", max_grad_norm=10_000.0,
+                       max_grad_norm_help="Gradient clipping of both (the reference's 10000).")
     p.add_argument("--class_dropout_prob", type=float, default=None,
                    help="Probability of the null class for both networks (default: the model's, 0.1 for SiT).")
-    # Optimisation
-    add_adamw_arguments(p, beta1=0.0, beta2=0.95, weight_decay=0.0, networks=" of both networks",
-                        learning_rate_help="The generator's AdamW lr (1e-5; digits 1e-4).")
-    p.add_argument("--discriminator_learning_rate", type=float, default=None, help="Default: --learning_rate.")
-    p.add_argument("--max_grad_norm", type=float, default=10_000.0, help="Gradient clipping of both (the reference's 10000).")
-    p.add_argument("--ema_decay", type=float, default=0.99, help="EMA decay of the generator, after each G update.")
     add_run_arguments(p, output_dir="cafm-model", tracker_project_name="train_cafm")
     add_flow_arguments(p)
     return p
@@ -154,16 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.class_dropout_prob > 0 and config.get("class_dropout_prob", 0.0) == 0:
         raise flag_error("class_dropout_prob", args.class_dropout_prob,
                          "0 for this model: it has no null class to drop labels to")
-    for flag in ("learning_rate", "discriminator_learning_rate", "max_grad_norm"):
-        if getattr(args, flag) <= 0:
-            raise flag_error(flag, getattr(args, flag), "a number > 0")
-    for flag in ("cp_scale", "ot_scale", "adam_weight_decay", "warmup_steps"):
-        if getattr(args, flag) < 0:
-            raise flag_error(flag, getattr(args, flag), "a number >= 0")
-    if args.num_discriminator_steps < 1:
-        raise flag_error("num_discriminator_steps", args.num_discriminator_steps, "an integer >= 1")
-    if not 0 <= args.ema_decay < 1:
-        raise flag_error("ema_decay", args.ema_decay, "a number in [0, 1)")
+    check_cafm_arguments(args)
     if args.discriminator is not None and not os.path.isfile(os.path.join(args.discriminator, "config.json")):
         raise flag_error("discriminator", args.discriminator, "a folder written by AdversarialFlowDiscriminator.save_pretrained")
     if not args.dry_run:

@@ -41,10 +41,11 @@ from diffusers_afm.training.loop import noise_generator
 from diffusers_afm.utils import RunStopped, atomic_directory, replace_path
 from training_cli import (
     TrainingArgumentParser,
-    add_adamw_arguments,
+    add_cafm_arguments,
     add_hub_arguments,
     add_run_arguments,
     cafm_optimizers,
+    check_cafm_arguments,
     check_hub_arguments,
     check_run_arguments,
     create_hub_repo,
@@ -95,20 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     p.add_argument("--caption_dropout", type=float, default=0.1, help="Probability of training a caption as \"\" (the reference's 0.1).")
     p.add_argument("--max_sequence_length", type=int, default=512, help="Tokens per caption (Z-Image's 512).")
-    # Objective (docs/method.md, "Continuous AFM")
-    p.add_argument("--num_discriminator_steps", type=int, default=None, help="N: D steps per G step after the warm-up (16).")
-    p.add_argument("--warmup_steps", type=int, default=None, help="Discriminator-only iterations at the start (100).")
-    p.add_argument("--cp_scale", type=float, default=0.001, help="Weight of the logit centering cp * mean D(x_t)^2.")
-    p.add_argument("--ot_scale", type=float, default=0.0, help="Weight of mean v_pred^2 in the G loss (0 in the reference).")
+    # Objective and optimisation (docs/method.md, "Continuous AFM: text-to-image")
+    add_cafm_arguments(p, warmup="100", learning_rate_help="The generator's AdamW lr (5e-5).", weight_decay=0.01,
+                       discriminator_learning_rate_help="The discriminator's AdamW lr (3e-5).", max_grad_norm=None,
+                       max_grad_norm_help="Gradient clipping of both (default: none, as the reference).")
     p.add_argument("--time_sampling", choices=TIME_SAMPLINGS, default="uniform", help="How training times are drawn (before the shift).")
     p.add_argument("--timestep_shift", type=float, default=None,
                    help=f"The times' shift (default: the pipeline scheduler's `shift`, {ZIMAGE_TIME_SHIFT} for Z-Image).")
-    # Optimisation
-    add_adamw_arguments(p, beta1=0.0, beta2=0.95, weight_decay=0.01, networks=" of both networks",
-                        learning_rate_help="The generator's AdamW lr (5e-5).")
-    p.add_argument("--discriminator_learning_rate", type=float, default=None, help="The discriminator's AdamW lr (3e-5).")
-    p.add_argument("--max_grad_norm", type=float, default=None, help="Gradient clipping of both (default: none, as the reference).")
-    p.add_argument("--ema_decay", type=float, default=0.99, help="EMA decay of the generator, after each G update.")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations block by block in the backward pass, both networks (the JVP included).")
     # Validation
@@ -164,21 +158,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_run_arguments(args)
     if args.resolution % 16:
         raise flag_error("resolution", args.resolution, "a multiple of 16 (Z-Image's VAE downsamples 8x, then 2x2 patches)")
-    for flag in ("learning_rate", "discriminator_learning_rate", "validation_steps", "validation_inference_steps",
-                 "max_sequence_length"):
+    check_cafm_arguments(args)
+    for flag in ("validation_steps", "validation_inference_steps", "max_sequence_length"):
         if getattr(args, flag) <= 0:
             raise flag_error(flag, getattr(args, flag), "a number > 0")
-    for flag in ("cp_scale", "ot_scale", "adam_weight_decay", "warmup_steps"):
-        if getattr(args, flag) < 0:
-            raise flag_error(flag, getattr(args, flag), "a number >= 0")
-    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
-        raise flag_error("max_grad_norm", args.max_grad_norm, "a number > 0, or unset for no clipping")
-    if args.num_discriminator_steps < 1:
-        raise flag_error("num_discriminator_steps", args.num_discriminator_steps, "an integer >= 1")
     if not 0 <= args.caption_dropout < 1:
         raise flag_error("caption_dropout", args.caption_dropout, "a number in [0, 1)")
-    if not 0 <= args.ema_decay < 1:
-        raise flag_error("ema_decay", args.ema_decay, "a number in [0, 1)")
     if args.timestep_shift is not None and args.timestep_shift <= 0:
         raise flag_error("timestep_shift", args.timestep_shift, "a number > 0")
     if args.discriminator is not None and not os.path.isfile(os.path.join(args.discriminator, "config.json")):

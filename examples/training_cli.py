@@ -628,6 +628,36 @@ def init_trackers(accelerator, name: str, settings: Dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the two CAFM networks
+def add_cafm_arguments(p: argparse.ArgumentParser, *, warmup: str, learning_rate_help: str, weight_decay: float,
+                       discriminator_learning_rate_help: str, max_grad_norm: Optional[float], max_grad_norm_help: str) -> None:
+    """The Continuous-AFM objective and optimiser flags both CAFM trainers take; they differ only in
+    the reference recipe's defaults (`warmup` names the default warm-up in the help)."""
+    p.add_argument("--num_discriminator_steps", type=int, default=None, help="N: D steps per G step after the warm-up (16).")
+    p.add_argument("--warmup_steps", type=int, default=None, help=f"Discriminator-only iterations at the start ({warmup}).")
+    p.add_argument("--cp_scale", type=float, default=0.001, help="Weight of the logit centering cp * mean D(x_t)^2.")
+    p.add_argument("--ot_scale", type=float, default=0.0, help="Weight of mean v_pred^2 in the G loss (0 in the reference).")
+    add_adamw_arguments(p, beta1=0.0, beta2=0.95, weight_decay=weight_decay, networks=" of both networks",
+                        learning_rate_help=learning_rate_help)
+    p.add_argument("--discriminator_learning_rate", type=float, default=None, help=discriminator_learning_rate_help)
+    p.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help=max_grad_norm_help)
+    p.add_argument("--ema_decay", type=float, default=0.99, help="EMA decay of the generator, after each G update.")
+
+
+def check_cafm_arguments(args: argparse.Namespace) -> None:
+    """Value checks of `add_cafm_arguments`' flags (after the trainer filled its defaults)."""
+    for flag in ("learning_rate", "discriminator_learning_rate"):
+        if getattr(args, flag) <= 0:
+            raise flag_error(flag, getattr(args, flag), "a number > 0")
+    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
+        raise flag_error("max_grad_norm", args.max_grad_norm, "a number > 0")
+    for flag in ("cp_scale", "ot_scale", "adam_weight_decay", "warmup_steps"):
+        if getattr(args, flag) < 0:
+            raise flag_error(flag, getattr(args, flag), "a number >= 0")
+    if args.num_discriminator_steps < 1:
+        raise flag_error("num_discriminator_steps", args.num_discriminator_steps, "an integer >= 1")
+    if not 0 <= args.ema_decay < 1:
+        raise flag_error("ema_decay", args.ema_decay, "a number in [0, 1)")
+
 def cafm_optimizers(args: argparse.Namespace, accelerator, generator, discriminator):
     """AdamW for each CAFM network (`--learning_rate`, `--discriminator_learning_rate`, shared betas,
     eps and weight decay) and one `--lr_scheduler` each. Returns `(optimizer_g, optimizer_d, schedulers)`."""
