@@ -77,7 +77,8 @@ def run(size, args, device):
     from accelerate.state import AcceleratorState
 
     from diffusers_afm.training import AFMObjective, AFMTrainingStep, GradientNormalization, ModelEMA
-    from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep, FlowMatchingTrainingStep
+    from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep
+    from diffusers_afm.training.flow_matching import FlowMatchingTrainingStep
 
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if args.dtype == "bf16" else "no")

@@ -81,7 +81,7 @@ def data(batch_size: int, sample_size: int, device, seed: int):
 def penalties(step, batches):
     """Per-sample R1 and R2 terms (before the mean) over the batches, as the D step computes them."""
     from diffusers_afm.training import flow_weight, perturbed_batch_size
-    from diffusers_afm.training.step import unwrap
+    from diffusers_afm.training.distributed import unwrap
 
     obj, r1, r2 = step.objective, [], []
     for x0, labels in batches:

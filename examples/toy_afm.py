@@ -217,7 +217,7 @@ def train_adversarial(config: ToyConfig, dataset) -> TrainedMap:
     class_labels = torch.zeros(config.train_batch_size, dtype=torch.long)
     for step in range(config.max_train_steps):
         step_fn(dataset.sample(config.train_batch_size, data_rng), class_labels, step)
-    return TrainedMap(ema.model, start.num_steps, start.prediction_type)
+    return TrainedMap(ema.full_model(), start.num_steps, start.prediction_type)
 
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
@@ -243,7 +243,7 @@ def train_flow(config: ToyConfig, dataset) -> TrainedMap:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model, config.ema_decay)
-    return TrainedMap(ema.model, start.num_steps, start.prediction_type)
+    return TrainedMap(ema.full_model(), start.num_steps, start.prediction_type)
 
 
 def train(config: ToyConfig, dataset) -> TrainedMap:

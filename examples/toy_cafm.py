@@ -26,7 +26,8 @@ from diffusers_afm import flow
 from diffusers_afm.evaluation.toy import load_toy_dataset, wasserstein1_1d, wasserstein2
 from diffusers_afm.models.modules import directional_derivative
 from diffusers_afm.training import ModelEMA
-from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep, FlowMatchingTrainingStep
+from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep
+from diffusers_afm.training.flow_matching import FlowMatchingTrainingStep
 
 from toy_afm import EVAL_SEED_OFFSET, NUM_THREADS, ToyMLP, plot_maps
 
@@ -114,7 +115,7 @@ def train_flow(config: ToyCAFMConfig, dataset) -> nn.Module:
     labels = torch.zeros(config.train_batch_size, dtype=torch.long)
     for i, x0 in zip(range(config.flow_train_steps), _data_stream(config, dataset, 0)):
         step(x0, labels, i)
-    return ema.model
+    return ema.full_model()
 
 
 def post_train(config: ToyCAFMConfig, dataset, flow_model: nn.Module) -> nn.Module:
@@ -138,7 +139,7 @@ def post_train(config: ToyCAFMConfig, dataset, flow_model: nn.Module) -> nn.Modu
     labels = torch.zeros(config.train_batch_size, dtype=torch.long)
     for i, x0 in zip(range(config.max_train_steps), _data_stream(config, dataset, 10)):
         step(x0, labels, i)
-    return ema.model
+    return ema.full_model()
 
 
 # ------------------------------------------------------------------------------------------ metrics

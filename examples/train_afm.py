@@ -16,6 +16,9 @@ Every default is the paper's (docs/method.md) except where the embedded digits d
 win); `--dry_run` prints the resolved settings as JSON and exits. The run ends with an
 `AFMPipeline` folder in `--output_dir` (EMA weights, class names, a model card) that
 `AFMPipeline.from_pretrained` loads, and the final `discriminator/`.
+
+The file reads in the order the run happens: flags -> Accelerator -> data -> models -> optimisers
+-> resume -> the loop (step, logs, checkpoint, validation) -> the pipeline folder.
 """
 
 import argparse
@@ -23,60 +26,39 @@ import os
 
 import torch
 from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
 
 from diffusers_afm import (
-    AFM_PRESETS,
     AdversarialFlowClassifier,
     AdversarialFlowDiscriminator,
     AdversarialFlowTransformer2DModel,
     AFMPipeline,
-    export_standalone,
-    preset_config,
-    save_model_card,
 )
-from diffusers_afm.data import DEFAULT_VAE, load_training_data
+from diffusers_afm.data import (
+    DATA_FLAGS,
+    DEFAULT_VAE,
+    check_model_input,
+    choose_defaults,
+    load_training_data,
+    planned_model_inputs,
+)
+from diffusers_afm.hub import check_push_to_hub, create_hub_repo, default_hub_model_id, save_pipeline_folder, upload_output
 from diffusers_afm.pipelines import class_grid
 from diffusers_afm.training import (
     AFMObjective,
     AFMTrainingStep,
+    EMAConfig,
     GradientNormalization,
     ModelEMA,
-    constant,
-    cosine,
-    ema_warmup,
+    OptimizerConfig,
+    RunConfig,
+    recipe,
 )
-from diffusers_afm.training import recipe
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
-from diffusers_afm.training.loop import NonFiniteLossError, adamw, noise_generator
-from diffusers_afm.utils import atomic_directory, parse_nfe, save_pretrained_into
-from training_cli import (
-    DIGITS_MODEL,
-    TRUNK_KEYS,
-    TrainingArgumentParser,
-    add_adamw_arguments,
-    add_data_arguments,
-    add_hub_arguments,
-    add_run_arguments,
-    apply_defaults,
-    check_model_spec,
-    check_hub_arguments,
-    check_model_input,
-    check_run_arguments,
-    flag_error,
-    init_trackers,
-    log_grid,
-    resolved_settings,
-    start_run,
-    train_loop,
-    save_grid,
-    upload_output,
-    model_summary,
-    planned_model_inputs,
-    resolve_data_defaults,
-    trunk_config,
-)
-import training_cli
+from diffusers_afm.training import cli
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
+from diffusers_afm.training.loop import NonFiniteLossError, Throughput, epoch_batches, host_values, noise_generator, steps_from_epochs
+from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image
+from diffusers_afm.utils import check_setting, parse_nfe, save_image, settings_from_flags
 
 __all__ = ["NonFiniteLossError", "main", "parse_args", "settings", "train"]  # what the tests and users import
 
@@ -84,6 +66,7 @@ logger = get_logger(__name__)
 
 # The embedded default: scikit-learn's digits (8x8 grey, 10 classes), a small pixel-space model.
 DIGITS_DEFAULTS = dict(
+    model_config=recipe.DIGITS_MODEL,
     resolution=8,
     train_batch_size=64,
     max_train_steps=1500,
@@ -98,6 +81,7 @@ DIGITS_DEFAULTS = dict(
     vae="none",
 )
 PAPER_DEFAULTS = dict(
+    model_config="XL/2",
     resolution=256,
     train_batch_size=32,
     max_train_steps=500_000,
@@ -113,14 +97,15 @@ PAPER_DEFAULTS = dict(
 )
 
 
-# ----------------------------------------------------------------------------- arguments
-def build_parser() -> argparse.ArgumentParser:
-    p = TrainingArgumentParser(description="Train an Adversarial Flow Model.")
-    add_data_arguments(p)
+# ----------------------------------------------------------------------------- 1. flags
+def build_parser() -> cli.TrainingArgumentParser:
+    p = cli.TrainingArgumentParser(description="Train an Adversarial Flow Model.")
+    cli.add_data_arguments(p, default_vae=DEFAULT_VAE, small_data_max_images=recipe.SMALL_DATA_MAX_IMAGES,
+                           pixel_max_resolution=recipe.SMALL_DATA_PIXEL_MAX_RESOLUTION)
     # Model
     p.add_argument("--model_config", default=None,
-                   help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file. Default: XL/2; the digits and "
-                        "--defaults small: a model sized to the data (--dry_run prints it).")
+                   help="A size (T/2, S/2, B/2, M/2, L/2, XL/2; another patch size: B/4) or a JSON config file. "
+                        "Default: XL/2; the digits and --defaults small: a model sized to the data (--dry_run prints it).")
     p.add_argument("--discriminator_config", default=None, help="Same forms; default mirrors the generator.")
     p.add_argument("--nfe", type=parse_nfe, default=1, help="1, 2, 4, ... or 'any'.")
     p.add_argument("--prediction_type", choices=("sample", "velocity"), default=None,
@@ -154,15 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoreload_steps", type=int, default=None,
                    help="Every K steps reset the generator to its EMA and the discriminator to the --init_from one.")
     # Optimisation
-    add_adamw_arguments(p, beta1=0.0, beta2=0.9, weight_decay=0.01, networks=" of both networks",
-                        learning_rate_help="The generator's AdamW lr (1e-4; digits 3e-4).")
+    cli.add_optimizer_arguments(p, beta1=0.0, beta2=0.9, weight_decay=0.01, max_grad_norm=None, networks=" of both networks",
+                                learning_rate_help="The generator's AdamW lr (1e-4; digits 3e-4).",
+                                max_grad_norm_help="Gradient clipping of both networks: 50 (1 NFE), 5 (multi-step, deep).")
     p.add_argument("--discriminator_learning_rate", type=float, default=None, help="Default: --learning_rate.")
-    p.add_argument("--max_grad_norm", type=float, default=None, help="Default: 50 (1 NFE), 5 (multi-step, deep).")
-    p.add_argument("--ema_decay", type=float, default=None, help="The generator EMA's decay (0.9999; digits 0.999).")
-    p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="Decay min(ema_decay, (1+n)/(10+n)) as diffusers' EMAModel; on for the digits default.")
-    # Batch, length, precision, outputs, checkpoints, --config and --dry_run
-    add_run_arguments(p, output_dir="afm-model", tracker_project_name="train_afm")
+    cli.add_ema_arguments(p, decay=None, decay_help="The generator EMA's decay (0.9999; digits 0.999).", warmup=None)
+    # Batch, length, precision, outputs, checkpoints
+    cli.add_run_arguments(p, output_dir="afm-model", tracker_project_name="train_afm")
     p.add_argument("--validation_steps", type=int, default=None, help="Sample grid of the EMA generator every N steps.")
     p.add_argument("--num_validation_classes", type=int, default=10, help="Rows of the sample grids (evenly spaced classes).")
     p.add_argument("--num_validation_images", type=int, default=8, help="Per class (one grid row per class).")
@@ -172,82 +155,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_reference", default=None, help="Reference .npz (ADM batch or mu/sigma) or image folder.")
     p.add_argument("--eval_feature_extractor", default="inception",
                    help="'inception' (torch-fidelity, the 'fid' extra) or a TorchScript feature network file.")
-    add_hub_arguments(p)
+    cli.add_hub_arguments(p)
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse (config file, then command line) and check every flag before any data or model is loaded."""
-    args = build_parser().parse_args(argv)
-    # The data's defaults (--defaults: the digits', sized to a small data set, or the paper's), then
-    # what --nfe, --depth_repeat and --classifier imply (training/recipe.py).
-    data_defaults = resolve_data_defaults(args, digits=(DIGITS_DEFAULTS, DIGITS_MODEL),
-                                          paper=(PAPER_DEFAULTS, preset_config("XL/2")))
-    implied = recipe.recipe_defaults(args.nfe, args.depth_repeat, guided=args.classifier is not None)
-    apply_defaults(args, {**data_defaults, **implied})
-    if args.discriminator_learning_rate is None:
-        args.discriminator_learning_rate = args.learning_rate
-
-    def fail(flag, allowed):
-        raise flag_error(flag, getattr(args, flag), allowed)
-
-    check_run_arguments(args)
-    for flag in ("ot_scale", "ot_scale_end", "gp_scale", "cp_scale", "cg_scale", "adam_weight_decay"):
-        if getattr(args, flag) < 0:
-            fail(flag, "a number >= 0")
-    for flag in ("learning_rate", "discriminator_learning_rate", "gp_eps", "max_grad_norm"):
-        if getattr(args, flag) <= 0:
-            fail(flag, "a number > 0")
-    for flag in ("eval_num_samples", "eval_batch_size") + (("eval_steps",) if args.eval_steps is not None else ()):
-        if getattr(args, flag) < 1:
-            fail(flag, "an integer >= 1")
-    for flag in ("validation_steps", "depth_repeat", "ot_decay_steps"):
-        if getattr(args, flag) < 1:
-            fail(flag, "an integer >= 1")
-    if not 0 <= args.gp_batch_ratio <= 1:
-        fail("gp_batch_ratio", "a number in [0, 1]")
-    if not 0 <= args.augment_p <= 1:
-        fail("augment_p", "a number in [0, 1]")
-    if not 0 < args.cg_max_time <= 1:
-        fail("cg_max_time", "a number in (0, 1]")
-    if not 0 <= args.ema_decay < 1:
-        fail("ema_decay", "a number in [0, 1)")
-    recipe.check_recipe(args.nfe, args.prediction_type, args.depth_repeat, args.cg_scale,
-                        guided=args.classifier is not None, prefix="--")
-    if args.autoreload_steps is not None:
-        if args.autoreload_steps < 1:
-            fail("autoreload_steps", "an integer >= 1")
-        if args.init_from is None:
-            fail("autoreload_steps", "a value only with --init_from (it resets the discriminator to that run's)")
-    patch_size = check_model_spec("model_config", args.model_config, args.default_trunk)
-    # The discriminator mirrors the generator unless --discriminator_config says otherwise.
-    discriminator_patch_size = check_model_spec("discriminator_config", args.discriminator_config,
-                                                {"patch_size": patch_size})
-    if not args.dry_run:
-        # Inputs that an earlier phase writes, and the VAE's config (perhaps not downloaded yet):
-        # a dry run plans a chain of phases before they exist.
-        check_input_paths(args)
-        for size in sorted({patch_size, discriminator_patch_size}):
-            check_model_input(args, size)
-    check_hub_arguments(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with cli.flag_errors():
+        kind = choose_defaults(args.defaults, args.dataset_name, args.train_data_dir, args.latent_cache,
+                               args.max_train_samples, recipe.SMALL_DATA_MAX_IMAGES)
+        # The data's defaults (the digits', sized to a small data set, or the paper's), then what
+        # --nfe, --depth_repeat and --classifier imply (training/recipe.py).
+        parser.set_defaults(**recipe.data_defaults(
+            kind, DIGITS_DEFAULTS, PAPER_DEFAULTS, dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
+            latent_cache=args.latent_cache, max_train_samples=args.max_train_samples, resolution=args.resolution,
+            vae=args.vae, num_train_epochs=args.num_train_epochs, default_vae=DEFAULT_VAE))
+        parser.set_defaults(**recipe.recipe_defaults(args.nfe, args.depth_repeat, guided=args.classifier is not None))
+        args = parser.parse_args(argv)  # again: the flags left unset take the recipe's defaults
+        args.defaults = kind
+        if args.discriminator_learning_rate is None:
+            args.discriminator_learning_rate = args.learning_rate
+        if args.push_to_hub and not args.hub_model_id:
+            args.hub_model_id = default_hub_model_id(args.output_dir)
+        # Every value rule lives in the library's settings objects; built here, they check the flags.
+        for settings_class in (RunConfig, ValidationConfig, OptimizerConfig, EMAConfig, AFMObjective):
+            settings_from_flags(settings_class, vars(args))
+        settings_from_flags(OptimizerConfig, vars(args), {"learning_rate": "discriminator_learning_rate"})
+        recipe.check_recipe(args.nfe, args.prediction_type, args.depth_repeat, args.cg_scale,
+                            guided=args.classifier is not None)
+        if args.eval_steps is not None:
+            check_setting(args.eval_steps >= 1, "eval_steps", args.eval_steps, "an integer >= 1")
+        for flag in ("eval_num_samples", "eval_batch_size"):
+            check_setting(getattr(args, flag) >= 1, flag, getattr(args, flag), "an integer >= 1")
+        if args.autoreload_steps is not None:
+            check_setting(args.autoreload_steps >= 1, "autoreload_steps", args.autoreload_steps, "an integer >= 1")
+            check_setting(args.init_from is not None, "autoreload_steps", args.autoreload_steps,
+                          "a value only with --init_from (it resets the discriminator to that run's)")
+        patch_size = recipe.trunk_config(args.model_config)["patch_size"]
+        discriminator_patch_size = recipe.trunk_config(args.discriminator_config or args.model_config,
+                                                       "discriminator_config")["patch_size"]
+        check_push_to_hub(args.push_to_hub and not args.dry_run)
+        if not args.dry_run:
+            # Inputs that an earlier phase writes, and the VAE's config (perhaps not downloaded yet):
+            # a dry run plans a chain of phases before they exist.
+            check_input_paths(args)
+            for size in sorted({patch_size, discriminator_patch_size}):
+                check_model_input(args.vae, args.resolution, args.latent_cache, size)
     return args
 
 
 def check_input_paths(args: argparse.Namespace) -> None:
-    if args.latent_cache is not None and not os.path.isfile(os.path.join(args.latent_cache, "cache_info.json")):
-        raise flag_error("latent_cache", args.latent_cache, "a folder written by examples/cache_latents.py")
     if args.eval_steps is not None and not os.path.exists(args.eval_reference or ""):
-        raise flag_error("eval_reference", args.eval_reference,
-                         "a reference .npz (ADM batch or mu/sigma), a statistics file or an image folder")
+        raise cli.flag_error("eval_reference", args.eval_reference,
+                             "a reference .npz (ADM batch or mu/sigma), a statistics file or an image folder")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
+        raise cli.flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
     if args.classifier is not None and not os.path.isfile(os.path.join(args.classifier, "config.json")):
-        raise flag_error("classifier", args.classifier, "a folder written by AdversarialFlowClassifier.save_pretrained")
+        raise cli.flag_error("classifier", args.classifier, "a folder written by AdversarialFlowClassifier.save_pretrained")
     if args.init_from is not None:
         for name in ("transformer", "discriminator"):
             if not os.path.isfile(os.path.join(args.init_from, name, "config.json")):
-                raise flag_error("init_from", args.init_from,
-                                 f"the output_dir of a finished train_afm.py run (it has no {name}/config.json)")
+                raise cli.flag_error("init_from", args.init_from,
+                                     f"the output_dir of a finished train_afm.py run (it has no {name}/config.json)")
     check_resume_flag(args.resume_from_checkpoint)
 
 
@@ -255,34 +226,27 @@ def settings(args: argparse.Namespace) -> dict:
     """The resolved flags as one JSON-ready dict (what --dry_run prints and the model card records),
     with `_model`: the networks this run builds, their configs and parameter counts (a `_` key is a
     comment in a config file, so the dict stays a valid `--config`)."""
-    planned = planned_model_inputs(args)
+    planned = planned_model_inputs(args.dataset_name, args.train_data_dir, args.latent_cache, args.vae, args.resolution,
+                                   args.num_classes)
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        generator, discriminator = build_models(args, planned["sample_size"], planned["in_channels"],
-                                                planned["num_classes"])
-    model = model_summary(generator=generator, discriminator=discriminator)
+        generator, discriminator = build_models(args, planned["sample_size"], planned["in_channels"], planned["num_classes"])
+    model = cli.model_summary(generator=generator, discriminator=discriminator)
     if planned["assumed"]:
         model["assumed"] = planned["assumed"]
-    return {**resolved_settings(args, build_parser()), "_model": model}
+    return {**build_parser().settings(vars(args)), "_model": model}
 
 
 # ----------------------------------------------------------------------------- models
-def build_models(args, sample_size, in_channels, num_classes):
-    trunk = trunk_config(args.model_config, args.default_trunk)
+def build_models(args, sample_size: int, in_channels: int, num_classes: int):
+    trunk = recipe.trunk_config(args.model_config)
     generator = AdversarialFlowTransformer2DModel(
-        **trunk,
-        sample_size=sample_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        **recipe.generator_time_inputs(args.nfe),
-        depth_repeat=args.depth_repeat,
-        prediction_type=args.prediction_type,
-        nfe=args.nfe,
+        **trunk, sample_size=sample_size, in_channels=in_channels, num_classes=num_classes,
+        **recipe.generator_time_inputs(args.nfe), depth_repeat=args.depth_repeat,
+        prediction_type=args.prediction_type, nfe=args.nfe,
     )
     discriminator = AdversarialFlowDiscriminator(
-        **trunk_config(args.discriminator_config, trunk, "discriminator_config"),
-        sample_size=sample_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
+        **recipe.trunk_config(args.discriminator_config or args.model_config, "discriminator_config"),
+        sample_size=sample_size, in_channels=in_channels, num_classes=num_classes,
         use_timestep=recipe.discriminator_time_input(args.nfe),
     )
     return generator, discriminator
@@ -325,81 +289,69 @@ def load_classifier(path: str, generator):
     return classifier
 
 
-def autoreload(accelerator, generator, discriminator, ema, discriminator_start) -> None:
+def autoreload(accelerator, generator, discriminator, ema: ModelEMA, discriminator_start) -> None:
     """docs/method.md, "autoreload": the generator back to its EMA, the discriminator to the phase's start.
 
     The optimizers keep their state: with beta1 = 0 there is no momentum pointing the old way, and
     the second moments are scale estimates that still hold near the reloaded weights; a fresh
     AdamW would instead take lr-sized sign steps on every weight right after each reload.
     """
-    accelerator.unwrap_model(generator).load_state_dict(ema.state_dict())
+    ema.copy_to(generator)
     accelerator.unwrap_model(discriminator).load_state_dict(discriminator_start)
 
 
-# ----------------------------------------------------------------------------- outputs
-def save_pipeline(args, accelerator, ema, discriminator, vae, id2label, step, metrics=None):
-    """The final AFMPipeline (EMA generator), the discriminator, a grid and a model card, each atomic."""
-    pipeline = AFMPipeline(transformer=ema.model, vae=vae, id2label=id2label)
+def sample_grid(args, ema: ModelEMA, data):
+    """The EMA generator's grid: one row per class (evenly spaced), the same noise every time."""
+    pipeline = AFMPipeline(transformer=ema.full_model(), vae=data.vae, id2label=data.id2label)
     pipeline.set_progress_bar_config(disable=True)
-    grid = class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed)
-    save_grid(grid, os.path.join(args.output_dir, "samples.png"))
-    save_pretrained_into(pipeline, args.output_dir, last="model_index.json")
-    if args.standalone_hub_files:
-        export_standalone(args.output_dir)  # before the card, which then shows the trust_remote_code snippet
-    with atomic_directory(os.path.join(args.output_dir, "discriminator")) as tmp:
-        accelerator.unwrap_model(discriminator).save_pretrained(tmp, safe_serialization=True)
-    # The card records the model itself, not the path of the JSON file it may have come from.
-    trunk = {key: ema.model.config[key] for key in TRUNK_KEYS}
-    save_model_card(
-        args.output_dir,
-        repo_id=args.hub_model_id,
-        base_model=args.init_from if args.init_from and not os.path.isdir(args.init_from) else None,
-        dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits",
-        training_settings={**settings(args), "model_config": trunk},
-        sample_grid="samples.png",
-        metrics=metrics,
-        description=f"These are the EMA weights after {step} iterations.",
-    )
-    return grid
+    return class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed)
 
 
 # ----------------------------------------------------------------------------- training
 def main(argv=None):
-    return training_cli.main(parse_args, settings, train, argv)
+    return cli.main(parse_args, settings, train, argv)
 
 
 def train(args: argparse.Namespace) -> str:
-    # 1. The Accelerator, the Hub repository, the checkpoint to resume (verified before any data is
-    #    loaded), the data (every label checked against the model's classes) and the VAE
-    accelerator, hub_repo_id, resume_path, data = start_run(args, load_training_data)
+    # 1. The Accelerator, the Hub repository (a bad token fails now), the checkpoint to resume
+    #    (verified before any data is loaded)
+    run = settings_from_flags(RunConfig, vars(args))
+    accelerator = run.make_accelerator()
+    hub_repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        hub_repo_id = create_hub_repo(args.hub_model_id, args.hub_private_repo, args.hub_token)
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
 
-    # 2. Models (from a finished run with --init_from), EMA, gradient normalization
+    # 2. The data (every label checked against the model's classes) and the VAE
+    data = load_training_data(**{name: getattr(args, name) for name in DATA_FLAGS}, device=accelerator.device,
+                              dtype=run.mixed_precision_dtype)
+    if args.max_train_steps is None:
+        args.max_train_steps = steps_from_epochs(args.num_train_epochs, len(data.dataloader), accelerator.num_processes,
+                                                 args.gradient_accumulation_steps)
+
+    # 3. The networks (from a finished run with --init_from), the guidance classifier
     generator, discriminator = build_models(args, data.sample_size, data.in_channels, data.num_classes)
-    discriminator_start = None
     if args.init_from is not None:
         load_init_from(args.init_from, generator, discriminator)
         logger.info(f"Starting from the EMA generator and the discriminator of {args.init_from}")
+    discriminator_start = None
     if args.autoreload_steps is not None:
         # Kept on the CPU: a second copy of the discriminator need not take accelerator memory.
         discriminator_start = {k: v.detach().to("cpu", copy=True) for k, v in discriminator.state_dict().items()}
     if args.gradient_checkpointing:
         generator.enable_gradient_checkpointing()
         discriminator.enable_gradient_checkpointing()
-    classifier = None
-    if args.classifier is not None:
-        classifier = load_classifier(args.classifier, generator).to(accelerator.device)
+    classifier = load_classifier(args.classifier, generator).to(accelerator.device) if args.classifier else None
     logger.info(f"generator {generator.num_parameters() / 1e6:.2f}M, discriminator {discriminator.num_parameters() / 1e6:.2f}M parameters")
 
-    betas, eps, weight_decay = (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay
-    optimizer_g = adamw(generator.parameters(), recipe.generator_learning_rate(args.learning_rate, args.depth_repeat),
-                        betas, eps, weight_decay)
-    optimizer_d = adamw(discriminator.parameters(), args.discriminator_learning_rate, betas, eps, weight_decay)
-    schedulers = [
-        get_scheduler(args.lr_scheduler, optimizer=opt, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                      num_training_steps=args.max_train_steps * accelerator.num_processes)
-        for opt in (optimizer_g, optimizer_d)
-    ]
-    generator, discriminator, optimizer_g, optimizer_d, train_dataloader, *schedulers = accelerator.prepare(
+    # 4. Optimisers and schedules, prepared; the EMA, the gradient normalization, the noise
+    config_g = settings_from_flags(OptimizerConfig, vars(args))
+    config_g.learning_rate = recipe.generator_learning_rate(args.learning_rate, args.depth_repeat)
+    config_d = settings_from_flags(OptimizerConfig, vars(args), {"learning_rate": "discriminator_learning_rate"})
+    optimizer_g, optimizer_d = config_g.adamw(generator.parameters()), config_d.adamw(discriminator.parameters())
+    schedulers = [config.scheduler(optimizer, args.max_train_steps, accelerator.num_processes)
+                  for config, optimizer in ((config_g, optimizer_g), (config_d, optimizer_d))]
+    generator, discriminator, optimizer_g, optimizer_d, dataloader, *schedulers = accelerator.prepare(
         generator, discriminator, optimizer_g, optimizer_d, data.dataloader, *schedulers
     )
     ema = ModelEMA(generator)  # from the uncompiled model
@@ -411,33 +363,20 @@ def train(args: argparse.Namespace) -> str:
             accelerator.unwrap_model(model).compile_repeated_blocks(fullgraph=True, dynamic=False)
     grad_norm = GradientNormalization().to(accelerator.device) if args.grad_norm else None
     rng = noise_generator(accelerator, args.seed)
-    objective = AFMObjective(
-        nfe=args.nfe,
-        prediction_type=args.prediction_type,
-        ot_scale=cosine(args.ot_scale, args.ot_scale_end, args.ot_decay_steps),
-        gp_scale=args.gp_scale,
-        gp_eps=args.gp_eps,
-        gp_batch_ratio=args.gp_batch_ratio,
-        cp_scale=args.cp_scale,
-        gp_full_precision=args.gp_full_precision,
-        augment_p=constant(args.augment_p),
-        cg_scale=args.cg_scale,
-        cg_max_time=args.cg_max_time,
-    )
     train_step = AFMTrainingStep(
-        accelerator, generator, discriminator, optimizer_g, optimizer_d, objective,
-        grad_norm=grad_norm, ema=ema, ema_decay=ema_warmup(args.ema_decay) if args.ema_warmup else args.ema_decay,
-        max_grad_norm_g=args.max_grad_norm, max_grad_norm_d=args.max_grad_norm,
+        accelerator, generator, discriminator, optimizer_g, optimizer_d, settings_from_flags(AFMObjective, vars(args)),
+        grad_norm=grad_norm, ema=ema, ema_decay=settings_from_flags(EMAConfig, vars(args)).schedule(),
+        max_grad_norm_g=config_g.max_grad_norm, max_grad_norm_d=config_d.max_grad_norm,
         classifier=classifier, noise_generator=rng,
     )
 
-    # 3. Resume (a checkpoint of this phase overrides the --init_from weights)
+    # 5. Resume (a checkpoint of this phase overrides the --init_from weights), trackers, evaluation
     checkpoints = CheckpointIO(accelerator, ema=ema, grad_norm=grad_norm, noise_generator=rng)
     global_step = 0
     if resume_path is not None:
         global_step = checkpoints.load(resume_path, verify=False)  # resolve_resume verified it
         logger.info(f"Resumed from {resume_path} at step {global_step}")
-    elif args.resume_from_checkpoint in ("latest", "latest_valid"):
+    elif args.resume_from_checkpoint is not None:
         logger.info("No checkpoint to resume from yet; starting a new run.")
     init_trackers(accelerator, args.tracker_project_name, settings(args))
     evaluation, metrics = None, None
@@ -450,51 +389,73 @@ def train(args: argparse.Namespace) -> str:
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"{len(data.dataset)} images, {data.num_classes} classes, batch {total_batch}, {args.max_train_steps} steps")
 
-    # 4. Train
-    def before_checkpoint(step):
-        # Before the checkpoint, so that a run resumed from it continues from the reloaded weights.
-        if args.autoreload_steps is not None and step % args.autoreload_steps == 0:
+    # 6. The loop: one D and one G step per batch
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    throughput = Throughput(accelerator.num_processes)
+    for batch in epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps):
+        if global_step >= args.max_train_steps:
+            break
+        x0 = data.latents(batch, rng)  # flips and the VAE posterior drawn from the run's generator
+        logs = train_step(x0, batch["class_labels"], global_step)
+        for scheduler in schedulers:
+            scheduler.step()  # prepared by Accelerate: it steps only when the optimizers did
+        throughput.add(len(x0))
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        progress.update(1)
+        values = host_values(logs, global_step, args.output_dir)  # one host sync; stops a diverged run
+        values.update(images_per_sec=throughput.rate(), lr=schedulers[0].get_last_lr()[0])
+        accelerator.log(values, step=global_step)
+        progress.set_postfix(loss_d=f"{values['loss_d']:.3f}", loss_g=f"{values['loss_g']:.3f}")
+        if args.autoreload_steps is not None and global_step % args.autoreload_steps == 0:
+            # Before the checkpoint, so that a run resumed from it continues from the reloaded weights.
             autoreload(accelerator, generator, discriminator, ema, discriminator_start)
-
-    def after_checkpoint(step):
-        nonlocal metrics
-        if step % args.validation_steps == 0 and accelerator.is_main_process:
-            pipeline = AFMPipeline(transformer=ema.model, vae=data.vae, id2label=data.id2label)
-            pipeline.set_progress_bar_config(disable=True)
-            grid = class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed)
-            save_grid(grid, os.path.join(args.output_dir, "samples", f"step_{step:07d}.png"))
-            log_grid(accelerator, grid, step)
-        if evaluation is not None and step % args.eval_steps == 0:
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
+        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            grid = sample_grid(args, ema, data)
+            save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
+            log_image(accelerator, grid, global_step)
+        if evaluation is not None and global_step % args.eval_steps == 0:
             # On every process: the samples are sharded and their features gathered.
             evaluate, extractor, reference = evaluation
-            pipeline = AFMPipeline(transformer=ema.model, vae=data.vae, id2label=data.id2label)
+            pipeline = AFMPipeline(transformer=ema.full_model(), vae=data.vae, id2label=data.id2label)
             pipeline.set_progress_bar_config(disable=True)
             metrics = evaluate(pipeline, reference, extractor, num_samples=args.eval_num_samples,
                                batch_size=args.eval_batch_size, seed=args.seed, accelerator=accelerator)
             if accelerator.is_main_process:
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-                logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-
-    global_step = train_loop(
-        args, accelerator, data, train_dataloader, train_step, checkpoints, global_step, schedulers,
-        postfix=lambda v: {"loss_d": f"{v['loss_d']:.3f}", "loss_g": f"{v['loss_g']:.3f}"},
-        before_checkpoint=before_checkpoint, after_checkpoint=after_checkpoint,
-    )
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)
+                logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    progress.close()
     statistic = float(grad_norm.square_avg) if grad_norm is not None else None
     logger.info(f"rank {accelerator.process_index} finished: step {global_step}, grad-norm statistic {statistic!r}",
                 main_process_only=False)
 
-    # 5. The pipeline folder
+    # 7. The pipeline folder: the EMA generator, the discriminator, samples and a model card
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        grid = save_pipeline(args, accelerator, ema, discriminator, data.vae, data.id2label, global_step, metrics)
-        log_grid(accelerator, grid, global_step)
+        ema_model = ema.full_model()
+        pipeline = AFMPipeline(transformer=ema_model, vae=data.vae, id2label=data.id2label)
+        pipeline.set_progress_bar_config(disable=True)
+        grid = sample_grid(args, ema, data)
+        # The card records the model itself, not the name or JSON file it came from.
+        trunk = {key: ema_model.config[key] for key in recipe.TRUNK_KEYS}
+        save_pipeline_folder(
+            args.output_dir, pipeline, sample_grid=grid, discriminator=accelerator.unwrap_model(discriminator),
+            standalone=args.standalone_hub_files, repo_id=args.hub_model_id,
+            base_model=args.init_from if args.init_from and not os.path.isdir(args.init_from) else None,
+            dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits",
+            training_settings={**settings(args), "model_config": trunk}, metrics=metrics,
+            description=f"These are the EMA weights after {global_step} iterations.",
+        )
+        log_image(accelerator, grid, global_step)
         logger.info(f"Saved the AFMPipeline to {args.output_dir}")
         if args.push_to_hub:
-            upload_output(args, hub_repo_id, f"AFM training, step {global_step}")
+            upload_output(args.output_dir, hub_repo_id, f"AFM training, step {global_step}", args.logging_dir, args.hub_token)
     accelerator.end_training()
     return args.output_dir
 
 
 if __name__ == "__main__":
-    training_cli.run(parse_args, settings, train)
+    cli.run_trainer(parse_args, settings, train)

@@ -11,7 +11,8 @@
 Cross-entropy on `x_t = interp(x0, z, t)` with `t ~ U(0, 1)`, after a random affine augmentation of
 `x0` with probability 0.8; AdamW (lr 1e-4, betas 0.9 / 0.95), EMA 0.9995. The data, the VAE, the
 Accelerate setup, `--config` / `--dry_run` and the atomic, resumable checkpoints are the generator
-trainer's (`training_cli.py`, `diffusers_afm.data`, `diffusers_afm.training.checkpoint` and `.loop`). The training accuracy is logged per
+trainer's (`diffusers_afm.training.cli`, `diffusers_afm.data`, `diffusers_afm.training.checkpoint`
+and `.loop`). The training accuracy is logged per
 noise-time bucket, since guidance only uses the classifier at small `t` (docs/method.md: t <= 0.1 at
 1 NFE, t <= 0.49 multi-step). The run ends with the EMA classifier saved in `--output_dir`, which
 `AdversarialFlowClassifier.from_pretrained` and `train_afm.py --classifier` load.
@@ -24,41 +25,29 @@ import os
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
 
-from diffusers_afm import AFM_PRESETS, AdversarialFlowClassifier, flow, preset_config
-from diffusers_afm.data import DEFAULT_VAE, load_training_data
-from diffusers_afm.training import ModelEMA, ema_warmup
+from diffusers_afm import AdversarialFlowClassifier, flow
+from diffusers_afm.data import (
+    DATA_FLAGS,
+    DEFAULT_VAE,
+    check_model_input,
+    choose_defaults,
+    load_training_data,
+    planned_model_inputs,
+)
+from diffusers_afm.training import EMAConfig, ModelEMA, OptimizerConfig, RunConfig, cli, recipe
 from diffusers_afm.training.augment import random_affine
 from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
-from diffusers_afm.training.loop import adamw, epoch_batches, host_values, noise_generator
-from diffusers_afm.utils import atomic_file, save_pretrained_into
-from training_cli import (
-    DIGITS_MODEL,
-    TrainingArgumentParser,
-    add_adamw_arguments,
-    add_data_arguments,
-    add_run_arguments,
-    apply_defaults,
-    check_model_spec,
-    check_model_input,
-    check_run_arguments,
-    flag_error,
-    init_trackers,
-    model_summary,
-    planned_model_inputs,
-    resolve_data_defaults,
-    resolve_train_steps,
-    resolved_settings,
-    setup_accelerator,
-    training_data_kwargs,
-    trunk_config,
-)
-import training_cli
+from diffusers_afm.training.loop import epoch_batches, host_values, noise_generator, steps_from_epochs
+from diffusers_afm.training.optimization import optimizer_update
+from diffusers_afm.training.run import init_trackers
+from diffusers_afm.utils import atomic_file, check_setting, save_pretrained_into, settings_from_flags
 
 logger = get_logger(__name__)
 
 DIGITS_DEFAULTS = dict(
+    model_config=recipe.DIGITS_MODEL,
     resolution=8,
     train_batch_size=64,
     max_train_steps=1000,
@@ -71,6 +60,7 @@ DIGITS_DEFAULTS = dict(
     vae="none",
 )
 PAPER_DEFAULTS = dict(
+    model_config="B/2",
     resolution=256,
     train_batch_size=32,
     max_train_steps=200_000,  # not stated in docs/method.md
@@ -82,72 +72,73 @@ PAPER_DEFAULTS = dict(
     random_flip=True,
     vae=DEFAULT_VAE,
 )
+# A small data set keeps the digits' schedule, with a model sized to its images (--defaults small).
+SMALL_SCHEDULE = {k: v for k, v in DIGITS_DEFAULTS.items() if k not in ("model_config", "resolution", "vae", "random_flip")}
 
 
-# ----------------------------------------------------------------------------- arguments
-def build_parser() -> argparse.ArgumentParser:
-    p = TrainingArgumentParser(description="Train the noisy-input classifier for AFM classifier guidance.")
-    add_data_arguments(p)
+# ----------------------------------------------------------------------------- 1. flags
+def build_parser() -> cli.TrainingArgumentParser:
+    p = cli.TrainingArgumentParser(description="Train the noisy-input classifier for AFM classifier guidance.")
+    cli.add_data_arguments(p, default_vae=DEFAULT_VAE, small_data_max_images=recipe.SMALL_DATA_MAX_IMAGES,
+                           pixel_max_resolution=recipe.SMALL_DATA_PIXEL_MAX_RESOLUTION)
     p.add_argument("--model_config", default=None,
-                   help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file; default B/2 (digits and --defaults small: a small model).")
+                   help="A size (T/2, S/2, B/2, ...; another patch size: B/4) or a JSON config file; default B/2 "
+                        "(digits and --defaults small: a small model).")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations in the backward pass: less memory, more time.")
     p.add_argument("--augment_p", type=float, default=0.8, help="Probability of the random affine augmentation.")
-    # Weight decay: not stated in docs/method.md; 0 as in DiT.
-    add_adamw_arguments(p, beta1=0.9, beta2=0.95, weight_decay=0.0, learning_rate_help="AdamW lr (1e-4; digits 1e-3).")
-    p.add_argument("--max_grad_norm", type=float, default=None, help="Clipping; off by default (not stated in docs/method.md).")
-    p.add_argument("--ema_decay", type=float, default=None, help="EMA decay (0.9995; digits 0.999).")
-    p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="Decay min(ema_decay, (1+n)/(10+n)) as diffusers' EMAModel; on for the digits default.")
+    # Weight decay and clipping: not stated in docs/method.md; 0 (none) as in DiT.
+    cli.add_optimizer_arguments(p, beta1=0.9, beta2=0.95, weight_decay=0.0, max_grad_norm=0.0,
+                                learning_rate_help="AdamW lr (1e-4; digits 1e-3).",
+                                max_grad_norm_help="Gradient clipping; off by default (not stated in docs/method.md).")
+    cli.add_ema_arguments(p, decay=None, decay_help="EMA decay (0.9995; digits 0.999).", warmup=None)
     p.add_argument("--num_time_buckets", type=int, default=5, help="Accuracy is logged per equal-width bucket of t.")
     p.add_argument("--logging_steps", type=int, default=None, help="Steps over which each accuracy log is averaged.")
-    add_run_arguments(p, output_dir="afm-classifier", tracker_project_name="train_afm_classifier")
+    cli.add_run_arguments(p, output_dir="afm-classifier", tracker_project_name="train_afm_classifier")
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    # A small data set keeps the digits' schedule, with a model sized to its images (--defaults).
-    small_schedule = {k: v for k, v in DIGITS_DEFAULTS.items() if k not in ("resolution", "vae", "random_flip")}
-    apply_defaults(args, resolve_data_defaults(args, digits=(DIGITS_DEFAULTS, DIGITS_MODEL),
-                                               paper=(PAPER_DEFAULTS, preset_config("B/2")),
-                                               small_schedule=small_schedule))
-    check_run_arguments(args)
-    patch_size = check_model_spec("model_config", args.model_config, args.default_trunk)
-    for flag in ("learning_rate", "adam_epsilon"):
-        if getattr(args, flag) <= 0:
-            raise flag_error(flag, getattr(args, flag), "a number > 0")
-    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
-        raise flag_error("max_grad_norm", args.max_grad_norm, "a number > 0, or leave it out (no clipping)")
-    if not 0 <= args.augment_p <= 1:
-        raise flag_error("augment_p", args.augment_p, "a number in [0, 1]")
-    if not 0 <= args.ema_decay < 1:
-        raise flag_error("ema_decay", args.ema_decay, "a number in [0, 1)")
-    for flag in ("num_time_buckets", "logging_steps"):
-        if getattr(args, flag) < 1:
-            raise flag_error(flag, getattr(args, flag), "an integer >= 1")
-    if not args.dry_run:
-        if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-            raise flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
-        check_resume_flag(args.resume_from_checkpoint)
-        check_model_input(args, patch_size)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with cli.flag_errors():
+        kind = choose_defaults(args.defaults, args.dataset_name, args.train_data_dir, args.latent_cache,
+                               args.max_train_samples, recipe.SMALL_DATA_MAX_IMAGES)
+        parser.set_defaults(**recipe.data_defaults(
+            kind, DIGITS_DEFAULTS, PAPER_DEFAULTS, dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
+            latent_cache=args.latent_cache, max_train_samples=args.max_train_samples, resolution=args.resolution,
+            vae=args.vae, num_train_epochs=args.num_train_epochs, default_vae=DEFAULT_VAE, small_schedule=SMALL_SCHEDULE))
+        args = parser.parse_args(argv)  # again: the flags left unset take the recipe's defaults
+        args.defaults = kind
+        for settings_class in (RunConfig, OptimizerConfig, EMAConfig):
+            settings_from_flags(settings_class, vars(args))
+        check_setting(0 <= args.augment_p <= 1, "augment_p", args.augment_p, "a number in [0, 1]")
+        for flag in ("num_time_buckets", "logging_steps"):
+            check_setting(getattr(args, flag) >= 1, flag, getattr(args, flag), "an integer >= 1")
+        patch_size = recipe.trunk_config(args.model_config)["patch_size"]
+        if not args.dry_run:
+            if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+                raise cli.flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
+            check_resume_flag(args.resume_from_checkpoint)
+            check_model_input(args.vae, args.resolution, args.latent_cache, patch_size)
     return args
 
 
 def settings(args: argparse.Namespace) -> dict:
     """The resolved flags (what --dry_run prints), with `_model`: the classifier this run builds."""
-    planned = planned_model_inputs(args)
+    planned = planned_model_inputs(args.dataset_name, args.train_data_dir, args.latent_cache, args.vae, args.resolution,
+                                   args.num_classes)
     with torch.device("meta"):  # shapes only
         classifier = build_classifier(args, planned["sample_size"], planned["in_channels"], planned["num_classes"])
-    model = model_summary(classifier=classifier)
+    model = cli.model_summary(classifier=classifier)
     if planned["assumed"]:
         model["assumed"] = planned["assumed"]
-    return {**resolved_settings(args, build_parser()), "_model": model}
+    return {**build_parser().settings(vars(args)), "_model": model}
 
 
 def build_classifier(args, sample_size, in_channels, num_classes):
-    return AdversarialFlowClassifier(**trunk_config(args.model_config, args.default_trunk),
-                                     sample_size=sample_size, in_channels=in_channels, num_classes=num_classes)
+    return AdversarialFlowClassifier(**recipe.trunk_config(args.model_config), sample_size=sample_size,
+                                     in_channels=in_channels, num_classes=num_classes)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -163,9 +154,9 @@ def bucket_names(num_buckets: int):
     return [f"t_{i / num_buckets:.2f}-{(i + 1) / num_buckets:.2f}" for i in range(num_buckets)]
 
 
-def save_classifier(args, ema, step, accuracy):
+def save_classifier(args, ema: ModelEMA, step: int, accuracy: dict) -> None:
     """The EMA classifier into `--output_dir` (loadable with `from_pretrained`), and a short card."""
-    save_pretrained_into(ema.model, args.output_dir, last="config.json")
+    save_pretrained_into(ema.full_model(), args.output_dir, last="config.json")
     card = f"""# AFM guidance classifier
 
 An `AdversarialFlowClassifier` `C(x_t, t)` (EMA weights) trained for {step} steps with
@@ -186,34 +177,36 @@ Training accuracy by noise time over the last {args.logging_steps} steps: {json.
 
 # ----------------------------------------------------------------------------- training
 def main(argv=None):
-    return training_cli.main(parse_args, settings, train, argv)
+    return cli.main(parse_args, settings, train, argv)
 
 
 def train(args: argparse.Namespace) -> str:
-    accelerator = setup_accelerator(args)
-    # A damaged checkpoint is an error now, before any data or model is loaded.
+    # 1. The Accelerator; the checkpoint to resume (a damaged one is an error before any data is loaded)
+    run = settings_from_flags(RunConfig, vars(args))
+    accelerator = run.make_accelerator()
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
 
-    # 1. Data and the VAE (as the generator trainer reads them)
-    data = load_training_data(**training_data_kwargs(args, accelerator))
-    resolve_train_steps(args, data.dataloader, accelerator.num_processes)
+    # 2. Data and the VAE (as the generator trainer reads them)
+    data = load_training_data(**{name: getattr(args, name) for name in DATA_FLAGS}, device=accelerator.device,
+                              dtype=run.mixed_precision_dtype)
+    if args.max_train_steps is None:
+        args.max_train_steps = steps_from_epochs(args.num_train_epochs, len(data.dataloader), accelerator.num_processes,
+                                                 args.gradient_accumulation_steps)
 
-    # 2. The classifier, its optimizer and EMA
+    # 3. The classifier, its optimizer and EMA
     classifier = build_classifier(args, data.sample_size, data.in_channels, data.num_classes)
     if args.gradient_checkpointing:
         classifier.enable_gradient_checkpointing()
     logger.info(f"classifier {classifier.num_parameters() / 1e6:.2f}M parameters, {data.num_classes} classes")
-    optimizer = adamw(classifier.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2),
-                      args.adam_epsilon, args.adam_weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                              num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                              num_training_steps=args.max_train_steps * accelerator.num_processes)
+    config = settings_from_flags(OptimizerConfig, vars(args))
+    optimizer = config.adamw(classifier.parameters())
+    scheduler = config.scheduler(optimizer, args.max_train_steps, accelerator.num_processes)
     classifier, optimizer, dataloader, scheduler = accelerator.prepare(classifier, optimizer, data.dataloader, scheduler)
     ema = ModelEMA(classifier)
-    ema_decay = ema_warmup(args.ema_decay) if args.ema_warmup else (lambda step: args.ema_decay)
+    ema_decay = settings_from_flags(EMAConfig, vars(args)).schedule()
     rng = noise_generator(accelerator, args.seed)
 
-    # 3. Resume
+    # 4. Resume
     checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng)
     global_step = 0
     if resume_path is not None:
@@ -221,32 +214,25 @@ def train(args: argparse.Namespace) -> str:
         logger.info(f"Resumed from {resume_path} at step {global_step}")
     init_trackers(accelerator, args.tracker_project_name, settings(args))
 
-    # 4. Train
-    from tqdm.auto import tqdm
-
+    # 5. The loop: cross-entropy on noisy inputs; accuracy counted per time bucket on the device
     names = bucket_names(args.num_time_buckets)
-    # Correct and seen counts per time bucket, on the device (read once per logging interval).
     correct = torch.zeros(args.num_time_buckets, device=accelerator.device)
     seen = torch.zeros(args.num_time_buckets, device=accelerator.device)
     accuracy = {}
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    batches = epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps)
-    for batch in batches:
+    for batch in epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps):
         if global_step >= args.max_train_steps:
             break
         labels = batch["class_labels"]
         with accelerator.accumulate(classifier):
-            x0 = data.latents(batch, rng)
-            x_t, t = noisy_batch(x0, args.augment_p, rng)
+            x_t, t = noisy_batch(data.latents(batch, rng), args.augment_p, rng)
             with accelerator.autocast():
                 logits = classifier(x_t, t).float()
             loss = F.cross_entropy(logits, labels)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm:
-                accelerator.clip_grad_norm_(classifier.parameters(), args.max_grad_norm)
-            optimizer.step()
+            logs = {"loss": loss.detach()}
+            optimizer_update(accelerator, classifier, optimizer, config.max_grad_norm, logs, "grad_norm")
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         bucket = (t * args.num_time_buckets).long().clamp(max=args.num_time_buckets - 1)
         correct += torch.bincount(bucket, weights=(logits.argmax(-1) == labels).float(), minlength=args.num_time_buckets)
         seen += torch.bincount(bucket, minlength=args.num_time_buckets)
@@ -255,8 +241,7 @@ def train(args: argparse.Namespace) -> str:
         ema.update(classifier, ema_decay(global_step))
         global_step += 1
         progress.update(1)
-
-        values = host_values({"loss": loss.detach()}, global_step, args.output_dir)
+        values = host_values(logs, global_step, args.output_dir)  # one host sync; stops a diverged run
         values["lr"] = scheduler.get_last_lr()[0]
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
             # Summed over processes, so every rank logs the same numbers.
@@ -272,7 +257,7 @@ def train(args: argparse.Namespace) -> str:
             checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
     progress.close()
 
-    # 5. The EMA classifier, loadable with from_pretrained
+    # 6. The EMA classifier, loadable with from_pretrained
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_classifier(args, ema, global_step, accuracy)
@@ -282,4 +267,4 @@ def train(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    training_cli.run(parse_args, settings, train)
+    cli.run_trainer(parse_args, settings, train)

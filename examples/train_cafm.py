@@ -20,48 +20,36 @@ generator) that samples with `solver=` and `guidance_scale=`, and the final `dis
 import argparse
 import json
 import os
+import warnings
 
+import torch
 from accelerate.logging import get_logger
+from tqdm.auto import tqdm
 
-from diffusers_afm import AdversarialFlowDiscriminator, FlowMatchingTransformer2DModel
-from diffusers_afm.data import DEFAULT_VAE, load_training_data
-from diffusers_afm.training import ModelEMA
-from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
-from diffusers_afm.training.loop import noise_generator
-from flow_cli import (
-    add_flow_arguments,
-    check_data_fits,
-    check_flow_arguments,
-    save_flow_pipeline,
-    validation_callback,
-)
-from training_cli import (
-    TrainingArgumentParser,
-    add_cafm_arguments,
-    add_data_arguments,
-    add_run_arguments,
-    apply_defaults,
-    cafm_optimizers,
-    check_cafm_arguments,
-    check_hub_arguments,
-    check_model_input,
-    check_run_arguments,
-    flag_error,
-    init_trackers,
-    log_weight_sums,
-    planned_model_inputs,
-    resolve_data_defaults,
-    resolved_settings,
-    start_run,
-    train_loop,
+from diffusers_afm import AdversarialFlowDiscriminator, AFMPipeline, FlowMatchingTransformer2DModel
+from diffusers_afm.data import DATA_FLAGS, DEFAULT_VAE, check_model_input, choose_defaults, load_training_data, planned_model_inputs
+from diffusers_afm.flow import SOLVERS
+from diffusers_afm.hub import (
+    check_push_to_hub,
+    create_hub_repo,
+    default_hub_model_id,
+    download_pretrained,
+    save_pipeline_folder,
     upload_output,
 )
-import training_cli
+from diffusers_afm.pipelines import class_grid
+from diffusers_afm.training import EMAConfig, ModelEMA, OptimizerConfig, RunConfig, cli, recipe
+from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
+from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator, steps_from_epochs
+from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_weight_sums
+from diffusers_afm.utils import SettingError, check_setting, save_image, settings_from_flags
 
 logger = get_logger(__name__)
 
 FLOW_MODEL = "FlowMatchingTransformer2DModel"
+# What a Hub id's download holds: the configs and safetensors weights, never code or pickles.
+PRETRAINED_FILES = ("*.json", "transformer/*", "vae/*", "*.safetensors", "README.md")
 # The reference's SiT-XL/2 recipe (configs/train/cafm/train_cafm_sit.yaml; docs/method.md).
 PAPER_DEFAULTS = dict(resolution=256, train_batch_size=32, max_train_steps=1_000_000, learning_rate=1e-5,
                       warmup_steps=10_000, num_discriminator_steps=16, checkpointing_steps=25_000,
@@ -75,9 +63,11 @@ SMALL_SCHEDULE = dict(train_batch_size=64, max_train_steps=5000, learning_rate=1
                       validation_inference_steps=16)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = TrainingArgumentParser(description="Post-train a flow-matching model with Continuous AFM.")
-    add_data_arguments(p)
+# ----------------------------------------------------------------------------- 1. flags
+def build_parser() -> cli.TrainingArgumentParser:
+    p = cli.TrainingArgumentParser(description="Post-train a flow-matching model with Continuous AFM.")
+    cli.add_data_arguments(p, default_vae=DEFAULT_VAE, small_data_max_images=recipe.SMALL_DATA_MAX_IMAGES,
+                           pixel_max_resolution=recipe.SMALL_DATA_PIXEL_MAX_RESOLUTION)
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="Required. The flow model to post-train: a folder written by train_flow_matching.py, train_cafm.py or "
                         "`afm-convert --format sit` (an AFMPipeline folder, or its transformer/ folder), or the Hub id of one.")
@@ -85,13 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Start from this discriminator folder (a train_cafm.py run's discriminator/) instead of one "
                         "initialised from the generator.")
     # Objective and optimisation (docs/method.md, "Continuous AFM")
-    add_cafm_arguments(p, warmup="10000", learning_rate_help="The generator's AdamW lr (1e-5; digits 1e-4).", weight_decay=0.0,
-                       discriminator_learning_rate_help="Default: --learning_rate.", max_grad_norm=10_000.0,
-                       max_grad_norm_help="Gradient clipping of both (the reference's 10000).")
+    cli.add_cafm_arguments(p, warmup="10000")
     p.add_argument("--class_dropout_prob", type=float, default=None,
                    help="Probability of the null class for both networks (default: the model's, 0.1 for SiT).")
-    add_run_arguments(p, output_dir="cafm-model", tracker_project_name="train_cafm")
-    add_flow_arguments(p)
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute the generator's activations in the backward pass: less memory, more time "
+                        "(not the discriminator's: checkpointing does not compose with its JVP).")
+    cli.add_optimizer_arguments(p, beta1=0.0, beta2=0.95, weight_decay=0.0, max_grad_norm=10_000.0,
+                                networks=" of both networks", learning_rate_help="The generator's AdamW lr (1e-5; digits 1e-4).",
+                                max_grad_norm_help="Gradient clipping of both (the reference's 10000).")
+    cli.add_ema_arguments(p, decay=0.99, decay_help="EMA decay of the generator, after each G update.", warmup=False)
+    cli.add_run_arguments(p, output_dir="cafm-model", tracker_project_name="train_cafm")
+    cli.add_validation_arguments(p, SOLVERS)
+    cli.add_hub_arguments(p)
     return p
 
 
@@ -101,23 +97,21 @@ def transformer_folder(path: str) -> str:
     return nested if os.path.isfile(os.path.join(nested, "config.json")) else path
 
 
-def pretrained_folder(path: str) -> str:
-    """A local folder as it is; a Hub id downloaded (its configs and safetensors weights only)."""
-    return training_cli.pretrained_folder(path, "a local flow-model folder",
-                                          ["*.json", "transformer/*", "vae/*", "*.safetensors", "README.md"])
+def pretrained_folder(name_or_path: str) -> str:
+    """`--pretrained_model_name_or_path` on disk: a local folder, or a Hub id's download (done once per process)."""
+    return download_pretrained(name_or_path, "a local flow-model folder", PRETRAINED_FILES)
 
 
 def read_flow_config(path: str) -> dict:
     """The pretrained model's config, checked to be a flow-matching model before anything is loaded."""
-    folder = transformer_folder(path)
-    config_file = os.path.join(folder, "config.json")
+    config_file = os.path.join(transformer_folder(path), "config.json")
     if not os.path.isfile(config_file):
-        raise flag_error("pretrained_model_name_or_path", path,
-                         "a local flow-model folder (with transformer/config.json or config.json)")
+        raise SettingError("pretrained_model_name_or_path", path,
+                           "a local flow-model folder (with transformer/config.json or config.json)")
     with open(config_file, encoding="utf-8") as f:
         config = json.load(f)
     if config.get("_class_name") != FLOW_MODEL:
-        raise flag_error(
+        raise SettingError(
             "pretrained_model_name_or_path", path,
             f"a flow-matching model ({FLOW_MODEL}); it holds a {config.get('_class_name')!r}. CAFM post-trains velocity "
             "models: train one with examples/train_flow_matching.py or convert a SiT with `afm-convert --format sit`",
@@ -126,94 +120,141 @@ def read_flow_config(path: str) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.pretrained_model_name_or_path is None:
         raise ValueError("`--pretrained_model_name_or_path` is required: the flow model to post-train (a folder written by "
                          "train_flow_matching.py or `afm-convert --format sit`).")
-    # The local copy; the flag keeps the name the user gave (the model card's base_model for a Hub id).
-    args.pretrained_folder = pretrained_folder(args.pretrained_model_name_or_path)
-    config = args.pretrained_config = read_flow_config(args.pretrained_folder)
-    if args.vae is None and os.path.isfile(os.path.join(args.pretrained_folder, "vae", "config.json")):
-        args.vae = args.pretrained_folder  # the VAE the model was trained with
-    flow_trunk = {k: config[k] for k in ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim", "mlp_ratio")}
-    defaults = resolve_data_defaults(args, digits=(DIGITS_DEFAULTS, flow_trunk), paper=(PAPER_DEFAULTS, flow_trunk),
-                                     small_schedule=SMALL_SCHEDULE)
-    apply_defaults(args, defaults)
-    if args.class_dropout_prob is None:
-        args.class_dropout_prob = config.get("class_dropout_prob", 0.0)
-    if args.discriminator_learning_rate is None:
-        args.discriminator_learning_rate = args.learning_rate
-    check_run_arguments(args)
-    check_flow_arguments(args)
-    if args.class_dropout_prob > 0 and config.get("class_dropout_prob", 0.0) == 0:
-        raise flag_error("class_dropout_prob", args.class_dropout_prob,
-                         "0 for this model: it has no null class to drop labels to")
-    check_cafm_arguments(args)
-    if args.discriminator is not None and not os.path.isfile(os.path.join(args.discriminator, "config.json")):
-        raise flag_error("discriminator", args.discriminator, "a folder written by AdversarialFlowDiscriminator.save_pretrained")
-    if not args.dry_run:
-        check_model_input(args, config["patch_size"])
-        planned = planned_model_inputs(args)
-        for key in ("sample_size", "in_channels", "num_classes"):
-            if not planned["assumed"] and planned[key] != config[key]:
-                raise flag_error(
-                    "pretrained_model_name_or_path", args.pretrained_model_name_or_path,
-                    f"a model for this data: it has {key}={config[key]}, the data and flags give {planned[key]} "
-                    "(pass the --resolution, --vae and data it was trained on)",
-                )
-        check_resume_flag(args.resume_from_checkpoint)
-    check_hub_arguments(args)
+    with cli.flag_errors():
+        folder = pretrained_folder(args.pretrained_model_name_or_path)
+        config = read_flow_config(folder)
+        kind = choose_defaults(args.defaults, args.dataset_name, args.train_data_dir, args.latent_cache,
+                               args.max_train_samples, recipe.SMALL_DATA_MAX_IMAGES)
+        defaults = recipe.data_defaults(
+            kind, DIGITS_DEFAULTS, PAPER_DEFAULTS, dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
+            latent_cache=args.latent_cache, max_train_samples=args.max_train_samples, resolution=args.resolution,
+            vae=args.vae, num_train_epochs=args.num_train_epochs, default_vae=DEFAULT_VAE, small_schedule=SMALL_SCHEDULE)
+        defaults.pop("model_config", None)  # the model is the pretrained one
+        if os.path.isfile(os.path.join(folder, "vae", "config.json")):
+            defaults["vae"] = folder  # the VAE the model was trained with
+        parser.set_defaults(**defaults, class_dropout_prob=config.get("class_dropout_prob", 0.0))
+        args = parser.parse_args(argv)  # again: the flags left unset take the recipe's defaults
+        args.defaults = kind
+        if args.discriminator_learning_rate is None:
+            args.discriminator_learning_rate = args.learning_rate
+        if args.push_to_hub and not args.hub_model_id:
+            args.hub_model_id = default_hub_model_id(args.output_dir)
+        # Every value rule lives in the library's settings objects; built here, they check the flags.
+        for settings_class in (RunConfig, ValidationConfig, OptimizerConfig, EMAConfig):
+            settings_from_flags(settings_class, vars(args))
+        settings_from_flags(OptimizerConfig, vars(args), {"learning_rate": "discriminator_learning_rate"})
+        settings_from_flags(CAFMObjective, vars(args), {"warmup": "warmup_steps"})
+        has_null_class = config.get("class_dropout_prob", 0.0) > 0
+        check_setting(args.class_dropout_prob == 0 or has_null_class, "class_dropout_prob", args.class_dropout_prob,
+                      "0 for this model: it has no null class to drop labels to")
+        check_setting(has_null_class or args.validation_guidance_scale == 1, "validation_guidance_scale",
+                      args.validation_guidance_scale, "1 (no guidance) for this model: it has no null class")
+        if args.discriminator is not None and not os.path.isfile(os.path.join(args.discriminator, "config.json")):
+            raise SettingError("discriminator", args.discriminator, "a folder written by AdversarialFlowDiscriminator.save_pretrained")
+        check_push_to_hub(args.push_to_hub and not args.dry_run)
+        if not args.dry_run:
+            check_model_input(args.vae, args.resolution, args.latent_cache, config["patch_size"])
+            planned = planned_model_inputs(args.dataset_name, args.train_data_dir, args.latent_cache, args.vae,
+                                           args.resolution, args.num_classes)
+            for key in ("sample_size", "in_channels", "num_classes"):
+                if not planned["assumed"] and planned[key] != config[key]:
+                    raise SettingError(
+                        "pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                        f"a model for this data: it has {key}={config[key]}, the data and flags give {planned[key]} "
+                        "(pass the --resolution, --vae and data it was trained on)",
+                    )
+            check_resume_flag(args.resume_from_checkpoint)
     return args
 
 
 def settings(args: argparse.Namespace) -> dict:
-    config = args.pretrained_config
+    config = read_flow_config(pretrained_folder(args.pretrained_model_name_or_path))
     summary = {"generator": {"class": FLOW_MODEL, "config": {k: v for k, v in config.items() if not k.startswith("_")}}}
-    return {**resolved_settings(args, build_parser()), "_model": summary}
+    return {**build_parser().settings(vars(args)), "_model": summary}
 
 
 def build_models(args):
-    generator = FlowMatchingTransformer2DModel.from_pretrained(transformer_folder(args.pretrained_folder))
-    if args.discriminator is not None:
-        discriminator = AdversarialFlowDiscriminator.from_pretrained(args.discriminator)
-        for key in ("sample_size", "in_channels", "num_classes", "patch_size"):
-            if discriminator.config[key] != generator.config[key]:
-                raise ValueError(f"`--discriminator` {args.discriminator} has {key}={discriminator.config[key]}, the "
-                                 f"generator {key}={generator.config[key]}.")
-        if not discriminator.config.use_timestep:
-            raise ValueError(f"`--discriminator` {args.discriminator} has no time input (use_timestep=False): it is an AFM "
-                             "discriminator, not a Continuous-AFM one.")
-    else:
-        discriminator = AdversarialFlowDiscriminator.for_flow_model(generator)
+    generator = FlowMatchingTransformer2DModel.from_pretrained(transformer_folder(pretrained_folder(args.pretrained_model_name_or_path)))
+    if args.discriminator is None:
+        return generator, AdversarialFlowDiscriminator.for_flow_model(generator)
+    discriminator = AdversarialFlowDiscriminator.from_pretrained(args.discriminator)
+    for key in ("sample_size", "in_channels", "num_classes", "patch_size"):
+        if discriminator.config[key] != generator.config[key]:
+            raise ValueError(f"`--discriminator` {args.discriminator} has {key}={discriminator.config[key]}, the "
+                             f"generator {key}={generator.config[key]}.")
+    if not discriminator.config.use_timestep:
+        raise ValueError(f"`--discriminator` {args.discriminator} has no time input (use_timestep=False): it is an AFM "
+                         "discriminator, not a Continuous-AFM one.")
     return generator, discriminator
 
 
+def sample_grid(args, model, data):
+    """The model's grid: one row per class (evenly spaced), the ODE solver of the validation flags."""
+    pipeline = AFMPipeline(transformer=model, vae=data.vae, id2label=data.id2label)
+    pipeline.set_progress_bar_config(disable=True)
+    return class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed,
+                      num_inference_steps=args.validation_inference_steps, solver=args.validation_solver,
+                      guidance_scale=args.validation_guidance_scale)
+
+
+# ----------------------------------------------------------------------------- training
 def main(argv=None):
-    return training_cli.main(parse_args, settings, train, argv)
+    return cli.main(parse_args, settings, train, argv)
 
 
 def train(args: argparse.Namespace) -> str:
-    accelerator, hub_repo_id, resume_path, data = start_run(args, load_training_data)
+    # 1. The Accelerator, the Hub repository, the checkpoint to resume (verified before any data)
+    run = settings_from_flags(RunConfig, vars(args))
+    accelerator = run.make_accelerator()
+    hub_repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        hub_repo_id = create_hub_repo(args.hub_model_id, args.hub_private_repo, args.hub_token)
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+
+    # 2. The data and the VAE
+    data = load_training_data(**{name: getattr(args, name) for name in DATA_FLAGS}, device=accelerator.device,
+                              dtype=run.mixed_precision_dtype)
+    if args.max_train_steps is None:
+        args.max_train_steps = steps_from_epochs(args.num_train_epochs, len(data.dataloader), accelerator.num_processes,
+                                                 args.gradient_accumulation_steps)
+
+    # 3. The pretrained generator and its discriminator (initialised from it)
     generator, discriminator = build_models(args)
-    check_data_fits(generator, data, f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path}")
+    data.check_fits(generator, f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path}")
     if args.gradient_checkpointing:
         # The generator only: checkpointing does not compose with the discriminator's JVP (docs/cafm.md).
         generator.enable_gradient_checkpointing()
         logger.info("--gradient_checkpointing: on for the generator; the discriminator's JVP runs without it")
     logger.info(f"generator {generator.num_parameters() / 1e6:.2f}M, discriminator {discriminator.num_parameters() / 1e6:.2f}M parameters")
 
-    optimizer_g, optimizer_d, schedulers = cafm_optimizers(args, accelerator, generator, discriminator)
+    # 4. Optimisers and schedules (both count iterations, D and G steps alike), prepared; EMA; the step
+    # AdamW of each network: the same betas, epsilon, decay and clipping, their own learning rates.
+    config_g = settings_from_flags(OptimizerConfig, vars(args))
+    config_d = settings_from_flags(OptimizerConfig, vars(args), {"learning_rate": "discriminator_learning_rate"})
+    optimizer_g, optimizer_d = config_g.adamw(generator.parameters()), config_d.adamw(discriminator.parameters())
+    schedulers = [config.scheduler(optimizer, args.max_train_steps, accelerator.num_processes)
+                  for config, optimizer in ((config_g, optimizer_g), (config_d, optimizer_d))]
     generator, discriminator, optimizer_g, optimizer_d, dataloader, *schedulers = accelerator.prepare(
         generator, discriminator, optimizer_g, optimizer_d, data.dataloader, *schedulers
     )
+    # Both schedules count iterations, so each network's scheduler also steps in the other's
+    # iterations; torch warns about that at the first D step.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
     ema = ModelEMA(generator)
     rng = noise_generator(accelerator, args.seed)
-    objective = CAFMObjective(cp_scale=args.cp_scale, ot_scale=args.ot_scale, num_discriminator_steps=args.num_discriminator_steps,
-                              warmup=args.warmup_steps, time_sampling=args.time_sampling,
-                              class_dropout_prob=args.class_dropout_prob)
-    step = CAFMTrainingStep(accelerator, generator, discriminator, optimizer_g, optimizer_d, objective, ema=ema,
-                            ema_decay=args.ema_decay, max_grad_norm_g=args.max_grad_norm, max_grad_norm_d=args.max_grad_norm,
-                            null_class_id=accelerator.unwrap_model(generator).null_class_id, noise_generator=rng)
+    train_step = CAFMTrainingStep(
+        accelerator, generator, discriminator, optimizer_g, optimizer_d,
+        settings_from_flags(CAFMObjective, vars(args), {"warmup": "warmup_steps"}), ema=ema,
+        ema_decay=settings_from_flags(EMAConfig, vars(args)).schedule(), max_grad_norm_g=config_g.max_grad_norm, max_grad_norm_d=config_d.max_grad_norm,
+        null_class_id=accelerator.unwrap_model(generator).null_class_id, noise_generator=rng,
+    )
+
+    # 5. Resume, trackers
     checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng)
     global_step = 0
     if resume_path is not None:
@@ -221,25 +262,57 @@ def train(args: argparse.Namespace) -> str:
         logger.info(f"Resumed from {resume_path} at step {global_step}")
     init_trackers(accelerator, args.tracker_project_name, settings(args))
 
-    def postfix(values):
-        return {"loss_d": f"{values['loss_d']:.3f}"} if "loss_d" in values else {"loss_g": f"{values['loss_g']:.3f}"}
-
-    global_step = train_loop(args, accelerator, data, dataloader, step, checkpoints, global_step, schedulers, postfix,
-                             after_checkpoint=validation_callback(args, accelerator, ema, data))
+    # 6. The loop: each iteration is ONE step, a D step or a G step (`CAFMTrainingStep.is_discriminator_step`)
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    throughput = Throughput(accelerator.num_processes)
+    for batch in epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps):
+        if global_step >= args.max_train_steps:
+            break
+        x0 = data.latents(batch, rng)
+        logs = train_step(x0, batch["class_labels"], global_step)
+        for scheduler in schedulers:
+            scheduler.step()
+        throughput.add(len(x0))
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        progress.update(1)
+        values = host_values(logs, global_step, args.output_dir)  # one host sync; stops a diverged run
+        values.update(images_per_sec=throughput.rate(), lr=schedulers[0].get_last_lr()[0])
+        accelerator.log(values, step=global_step)
+        progress.set_postfix({name: f"{values[name]:.3f}" for name in ("loss_d", "loss_g") if name in values})
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
+        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            grid = sample_grid(args, ema.full_model(), data)
+            save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
+            log_image(accelerator, grid, global_step)
+    progress.close()
     # Under DDP every rank must hold the same weights: the log shows each rank's sums (the tests compare them).
     log_weight_sums(accelerator, global_step, generator=generator, discriminator=discriminator)
 
+    # 7. The pipeline folder (the EMA generator), the discriminator, samples and a model card
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        ema_model = ema.full_model()
         pretrained = args.pretrained_model_name_or_path
-        save_flow_pipeline(args, accelerator, ema.model, data.vae, data.id2label, global_step, settings(args),
-                           discriminator=discriminator, base_model=None if os.path.isdir(pretrained) else pretrained, cafm=True)
+        trunk = {key: ema_model.config[key] for key in recipe.TRUNK_KEYS}
+        save_pipeline_folder(
+            args.output_dir, AFMPipeline(transformer=ema_model, vae=data.vae, id2label=data.id2label),
+            sample_grid=sample_grid(args, ema_model, data), discriminator=accelerator.unwrap_model(discriminator),
+            standalone=args.standalone_hub_files, repo_id=args.hub_model_id,
+            base_model=None if os.path.isdir(pretrained) else pretrained,
+            dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits",
+            training_settings={**settings(args), "model_config": trunk}, cafm=True,
+            description=f"These are the EMA weights after {global_step} iterations.",
+        )
         logger.info(f"Saved the CAFM post-trained AFMPipeline to {args.output_dir}")
         if args.push_to_hub:
-            upload_output(args, hub_repo_id, f"Continuous AFM post-training, step {global_step}")
+            upload_output(args.output_dir, hub_repo_id, f"Continuous AFM post-training, step {global_step}",
+                          args.logging_dir, args.hub_token)
     accelerator.end_training()
     return args.output_dir
 
 
 if __name__ == "__main__":
-    training_cli.run(parse_args, settings, train)
+    cli.run_trainer(parse_args, settings, train)

@@ -9,7 +9,7 @@ of Continuous AFM for users without a pretrained model.
     accelerate launch examples/train_flow_matching.py --train_data_dir my_images --mixed_precision bf16
 
 Rectified flow matching: `x_t = (1 - t) x0 + t z`, `t ~ U(0, 1)`, the model regresses `z - x0`
-(`diffusers_afm.training.cafm.flow_matching_loss`); labels are replaced by the null class with
+(`diffusers_afm.training.flow_matching`); labels are replaced by the null class with
 `--class_dropout_prob` (0.1), so the model samples with classifier-free guidance. The data, latent
 cache, checkpoints, logging, `--config` and `--dry_run` are those of `train_afm.py`. The run ends with
 an `AFMPipeline` folder (EMA weights) that samples with `solver=` and `guidance_scale=`, and that
@@ -21,163 +21,219 @@ import os
 
 import torch
 from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
 
-from diffusers_afm import AFM_PRESETS, FlowMatchingTransformer2DModel, preset_config
-from diffusers_afm.data import DEFAULT_VAE, load_training_data
-from diffusers_afm.training import ModelEMA, ema_warmup
-from diffusers_afm.training.cafm import FlowMatchingTrainingStep
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
-from diffusers_afm.training.loop import adamw, noise_generator
-from flow_cli import (
-    add_flow_arguments,
-    build_flow_model,
-    check_data_fits,
-    check_flow_arguments,
-    save_flow_pipeline,
-    validation_callback,
+from diffusers_afm import AFMPipeline, FlowMatchingTransformer2DModel
+from diffusers_afm.data import DATA_FLAGS, DEFAULT_VAE, check_model_input, choose_defaults, load_training_data, planned_model_inputs
+from diffusers_afm.flow import SOLVERS
+from diffusers_afm.hub import check_push_to_hub, create_hub_repo, default_hub_model_id, save_pipeline_folder, upload_output
+from diffusers_afm.pipelines import class_grid
+from diffusers_afm.training import (
+    EMAConfig,
+    FlowMatchingObjective,
+    FlowMatchingTrainingStep,
+    ModelEMA,
+    OptimizerConfig,
+    RunConfig,
+    cli,
+    recipe,
 )
-from training_cli import (
-    DIGITS_MODEL,
-    TrainingArgumentParser,
-    add_adamw_arguments,
-    add_data_arguments,
-    add_run_arguments,
-    apply_defaults,
-    check_hub_arguments,
-    check_model_input,
-    check_model_spec,
-    check_run_arguments,
-    flag_error,
-    init_trackers,
-    model_summary,
-    planned_model_inputs,
-    resolve_data_defaults,
-    resolved_settings,
-    start_run,
-    train_loop,
-    upload_output,
-)
-import training_cli
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
+from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator, steps_from_epochs
+from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image
+from diffusers_afm.utils import check_setting, save_image, settings_from_flags
 
 logger = get_logger(__name__)
 
 # The embedded digits: a few minutes on a CPU.
-DIGITS_DEFAULTS = dict(resolution=8, train_batch_size=64, max_train_steps=1500, learning_rate=1e-3, ema_decay=0.999,
-                       ema_warmup=True, checkpointing_steps=500, validation_steps=500, random_flip=False, vae="none",
-                       validation_inference_steps=8)
+DIGITS_DEFAULTS = dict(model_config=recipe.DIGITS_MODEL, resolution=8, train_batch_size=64, max_train_steps=1500,
+                       learning_rate=1e-3, ema_decay=0.999, ema_warmup=True, checkpointing_steps=500, validation_steps=500,
+                       random_flip=False, vae="none", validation_inference_steps=8)
 # SiT's ImageNet recipe (AdamW lr 1e-4, no weight decay, EMA 0.9999, batch 256 in all).
-PAPER_DEFAULTS = dict(resolution=256, train_batch_size=32, max_train_steps=400_000, learning_rate=1e-4,
+PAPER_DEFAULTS = dict(model_config="XL/2", resolution=256, train_batch_size=32, max_train_steps=400_000, learning_rate=1e-4,
                       ema_decay=0.9999, ema_warmup=False, checkpointing_steps=5000, validation_steps=5000,
                       random_flip=True, vae=DEFAULT_VAE, validation_inference_steps=50)
 SMALL_SCHEDULE = dict(train_batch_size=64, max_train_steps=5000, learning_rate=3e-4, ema_decay=0.999, ema_warmup=True,
                       checkpointing_steps=1000, validation_steps=1000, validation_inference_steps=16)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = TrainingArgumentParser(description="Train a flow-matching model (the baseline of Continuous AFM).")
-    add_data_arguments(p)
+# ----------------------------------------------------------------------------- 1. flags
+def build_parser() -> cli.TrainingArgumentParser:
+    p = cli.TrainingArgumentParser(description="Train a flow-matching model (the baseline of Continuous AFM).")
+    cli.add_data_arguments(p, default_vae=DEFAULT_VAE, small_data_max_images=recipe.SMALL_DATA_MAX_IMAGES,
+                           pixel_max_resolution=recipe.SMALL_DATA_PIXEL_MAX_RESOLUTION)
     p.add_argument("--model_config", default=None,
-                   help=f"A size ({', '.join(AFM_PRESETS)}) or a JSON config file. Default: XL/2 (SiT-XL/2); the digits "
-                        "and --defaults small: a model sized to the data (--dry_run prints it).")
+                   help="A size (T/2, S/2, B/2, ...; another patch size: B/4) or a JSON config file. Default: XL/2 "
+                        "(SiT-XL/2); the digits and --defaults small: a model sized to the data (--dry_run prints it).")
     p.add_argument("--init_from", "--pretrained_model_name_or_path", dest="init_from", default=None,
                    help="Continue from a flow-model folder (an AFMPipeline folder with a FlowMatchingTransformer2DModel).")
     p.add_argument("--class_dropout_prob", type=float, default=0.1,
                    help="Probability of training on the null class (classifier-free guidance); 0 = no null class.")
-    add_adamw_arguments(p, beta1=0.9, beta2=0.999, weight_decay=0.0, learning_rate_help="AdamW lr (1e-4; digits 1e-3).")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0: off).")
-    p.add_argument("--ema_decay", type=float, default=None, help="EMA decay (0.9999; digits 0.999).")
-    p.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="Decay min(ema_decay, (1+n)/(10+n)) as diffusers' EMAModel; on for the digits default.")
-    add_run_arguments(p, output_dir="fm-model", tracker_project_name="train_flow_matching")
-    add_flow_arguments(p)
+    cli.add_time_sampling_argument(p)
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute the model's activations in the backward pass: less memory, more time.")
+    cli.add_optimizer_arguments(p, beta1=0.9, beta2=0.999, weight_decay=0.0, max_grad_norm=1.0,
+                                learning_rate_help="AdamW lr (1e-4; digits 1e-3).", max_grad_norm_help="Gradient clipping.")
+    cli.add_ema_arguments(p, decay=None, decay_help="EMA decay (0.9999; digits 0.999).", warmup=None)
+    cli.add_run_arguments(p, output_dir="fm-model", tracker_project_name="train_flow_matching")
+    cli.add_validation_arguments(p, SOLVERS)
+    cli.add_hub_arguments(p)
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse (config file, then command line) and check every flag before any data or model is loaded."""
-    args = build_parser().parse_args(argv)
-    defaults = resolve_data_defaults(args, digits=(DIGITS_DEFAULTS, DIGITS_MODEL), paper=(PAPER_DEFAULTS, preset_config("XL/2")),
-                                     small_schedule=SMALL_SCHEDULE)
-    apply_defaults(args, defaults)
-    check_run_arguments(args)
-    check_flow_arguments(args)
-    if args.learning_rate <= 0:
-        raise flag_error("learning_rate", args.learning_rate, "a number > 0")
-    if args.max_grad_norm < 0:
-        raise flag_error("max_grad_norm", args.max_grad_norm, "a number >= 0")
-    if not 0 <= args.ema_decay < 1:
-        raise flag_error("ema_decay", args.ema_decay, "a number in [0, 1)")
-    patch_size = check_model_spec("model_config", args.model_config, args.default_trunk)
-    if not args.dry_run:
-        if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-            raise flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
-        if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, "transformer", "config.json")):
-            raise flag_error("init_from", args.init_from, "a flow-model pipeline folder (it has no transformer/config.json)")
-        check_model_input(args, patch_size)
-        check_resume_flag(args.resume_from_checkpoint)
-    check_hub_arguments(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with cli.flag_errors():
+        kind = choose_defaults(args.defaults, args.dataset_name, args.train_data_dir, args.latent_cache,
+                               args.max_train_samples, recipe.SMALL_DATA_MAX_IMAGES)
+        parser.set_defaults(**recipe.data_defaults(
+            kind, DIGITS_DEFAULTS, PAPER_DEFAULTS, dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
+            latent_cache=args.latent_cache, max_train_samples=args.max_train_samples, resolution=args.resolution,
+            vae=args.vae, num_train_epochs=args.num_train_epochs, default_vae=DEFAULT_VAE, small_schedule=SMALL_SCHEDULE))
+        args = parser.parse_args(argv)  # again: the flags left unset take the recipe's defaults
+        args.defaults = kind
+        if args.push_to_hub and not args.hub_model_id:
+            args.hub_model_id = default_hub_model_id(args.output_dir)
+        # Every value rule lives in the library's settings objects; built here, they check the flags.
+        for settings_class in (RunConfig, ValidationConfig, OptimizerConfig, EMAConfig, FlowMatchingObjective):
+            settings_from_flags(settings_class, vars(args))
+        check_setting(args.class_dropout_prob > 0 or args.validation_guidance_scale == 1, "validation_guidance_scale",
+                      args.validation_guidance_scale, "1 (no guidance) for a model without a null class (--class_dropout_prob 0)")
+        patch_size = recipe.trunk_config(args.model_config)["patch_size"]
+        check_push_to_hub(args.push_to_hub and not args.dry_run)
+        if not args.dry_run:
+            if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+                raise cli.flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
+            if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, "transformer", "config.json")):
+                raise cli.flag_error("init_from", args.init_from, "a flow-model pipeline folder (it has no transformer/config.json)")
+            check_model_input(args.vae, args.resolution, args.latent_cache, patch_size)
+            check_resume_flag(args.resume_from_checkpoint)
     return args
 
 
 def settings(args: argparse.Namespace) -> dict:
-    planned = planned_model_inputs(args)
+    planned = planned_model_inputs(args.dataset_name, args.train_data_dir, args.latent_cache, args.vae, args.resolution,
+                                   args.num_classes)
     with torch.device("meta"):
         model = build_flow_model(args, planned["sample_size"], planned["in_channels"], planned["num_classes"])
-    summary = model_summary(transformer=model)
+    summary = cli.model_summary(transformer=model)
     if planned["assumed"]:
         summary["assumed"] = planned["assumed"]
-    return {**resolved_settings(args, build_parser()), "_model": summary}
+    return {**build_parser().settings(vars(args)), "_model": summary}
 
 
+def build_flow_model(args, sample_size: int, in_channels: int, num_classes: int) -> FlowMatchingTransformer2DModel:
+    return FlowMatchingTransformer2DModel(**recipe.trunk_config(args.model_config), sample_size=sample_size,
+                                          in_channels=in_channels, num_classes=num_classes,
+                                          class_dropout_prob=args.class_dropout_prob)
+
+
+def sample_grid(args, model, data):
+    """The model's grid: one row per class (evenly spaced), the ODE solver of the validation flags."""
+    pipeline = AFMPipeline(transformer=model, vae=data.vae, id2label=data.id2label)
+    pipeline.set_progress_bar_config(disable=True)
+    return class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed,
+                      num_inference_steps=args.validation_inference_steps, solver=args.validation_solver,
+                      guidance_scale=args.validation_guidance_scale)
+
+
+# ----------------------------------------------------------------------------- training
 def main(argv=None):
-    return training_cli.main(parse_args, settings, train, argv)
+    return cli.main(parse_args, settings, train, argv)
 
 
 def train(args: argparse.Namespace) -> str:
-    accelerator, hub_repo_id, resume_path, data = start_run(args, load_training_data)
+    # 1. The Accelerator, the Hub repository, the checkpoint to resume (verified before any data)
+    run = settings_from_flags(RunConfig, vars(args))
+    accelerator = run.make_accelerator()
+    hub_repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        hub_repo_id = create_hub_repo(args.hub_model_id, args.hub_private_repo, args.hub_token)
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+
+    # 2. The data and the VAE
+    data = load_training_data(**{name: getattr(args, name) for name in DATA_FLAGS}, device=accelerator.device,
+                              dtype=run.mixed_precision_dtype)
+    if args.max_train_steps is None:
+        args.max_train_steps = steps_from_epochs(args.num_train_epochs, len(data.dataloader), accelerator.num_processes,
+                                                 args.gradient_accumulation_steps)
+
+    # 3. The model (or the one to continue from), its optimizer, EMA and step
     model = build_flow_model(args, data.sample_size, data.in_channels, data.num_classes)
     if args.init_from is not None:
-        source = FlowMatchingTransformer2DModel.from_pretrained(os.path.join(args.init_from, "transformer"))
-        check_data_fits(source, data, f"`--init_from` {args.init_from}")
-        model = source
+        model = FlowMatchingTransformer2DModel.from_pretrained(os.path.join(args.init_from, "transformer"))
+        data.check_fits(model, f"`--init_from` {args.init_from}")
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     logger.info(f"flow model {model.num_parameters() / 1e6:.2f}M parameters")
-
-    optimizer = adamw(model.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
-                      args.adam_weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                              num_training_steps=args.max_train_steps * accelerator.num_processes)
+    config = settings_from_flags(OptimizerConfig, vars(args))
+    optimizer = config.adamw(model.parameters())
+    scheduler = config.scheduler(optimizer, args.max_train_steps, accelerator.num_processes)
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, data.dataloader, scheduler)
     ema = ModelEMA(model)
     rng = noise_generator(accelerator, args.seed)
-    step = FlowMatchingTrainingStep(
-        accelerator, model, optimizer, ema=ema, ema_decay=ema_warmup(args.ema_decay) if args.ema_warmup else args.ema_decay,
-        max_grad_norm=args.max_grad_norm or None, time_sampling=args.time_sampling,
-        class_dropout_prob=args.class_dropout_prob, null_class_id=accelerator.unwrap_model(model).null_class_id,
-        noise_generator=rng,
+    train_step = FlowMatchingTrainingStep(
+        accelerator, model, optimizer, ema=ema, ema_decay=settings_from_flags(EMAConfig, vars(args)).schedule(),
+        max_grad_norm=config.max_grad_norm, time_sampling=args.time_sampling, class_dropout_prob=args.class_dropout_prob,
+        null_class_id=accelerator.unwrap_model(model).null_class_id, noise_generator=rng,
     )
+
+    # 4. Resume, trackers
     checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng)
     global_step = 0
     if resume_path is not None:
         global_step = checkpoints.load(resume_path, verify=False)
         logger.info(f"Resumed from {resume_path} at step {global_step}")
     init_trackers(accelerator, args.tracker_project_name, settings(args))
-    global_step = train_loop(args, accelerator, data, dataloader, step, checkpoints, global_step, [scheduler],
-                             postfix=lambda v: {"loss": f"{v['loss']:.4f}"},
-                             after_checkpoint=validation_callback(args, accelerator, ema, data))
 
+    # 5. The loop
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    throughput = Throughput(accelerator.num_processes)
+    for batch in epoch_batches(accelerator, dataloader, global_step, args.max_train_steps, args.gradient_accumulation_steps):
+        if global_step >= args.max_train_steps:
+            break
+        x0 = data.latents(batch, rng)
+        logs = train_step(x0, batch["class_labels"], global_step)
+        scheduler.step()
+        throughput.add(len(x0))
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        progress.update(1)
+        values = host_values(logs, global_step, args.output_dir)  # one host sync; stops a diverged run
+        values.update(images_per_sec=throughput.rate(), lr=scheduler.get_last_lr()[0])
+        accelerator.log(values, step=global_step)
+        progress.set_postfix(loss=f"{values['loss']:.4f}")
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
+        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            grid = sample_grid(args, ema.full_model(), data)
+            save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
+            log_image(accelerator, grid, global_step)
+    progress.close()
+
+    # 6. The pipeline folder (the EMA model), samples and a model card
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_flow_pipeline(args, accelerator, ema.model, data.vae, data.id2label, global_step, settings(args),
-                           base_model=args.init_from if args.init_from and not os.path.isdir(args.init_from) else None)
+        ema_model = ema.full_model()
+        trunk = {key: ema_model.config[key] for key in recipe.TRUNK_KEYS}
+        save_pipeline_folder(
+            args.output_dir, AFMPipeline(transformer=ema_model, vae=data.vae, id2label=data.id2label),
+            sample_grid=sample_grid(args, ema_model, data), standalone=args.standalone_hub_files, repo_id=args.hub_model_id,
+            base_model=args.init_from if args.init_from and not os.path.isdir(args.init_from) else None,
+            dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits",
+            training_settings={**settings(args), "model_config": trunk},
+            description=f"These are the EMA weights after {global_step} iterations.",
+        )
         logger.info(f"Saved the flow-matching AFMPipeline to {args.output_dir}")
         if args.push_to_hub:
-            upload_output(args, hub_repo_id, f"Flow-matching training, step {global_step}")
+            upload_output(args.output_dir, hub_repo_id, f"Flow-matching training, step {global_step}", args.logging_dir,
+                          args.hub_token)
     accelerator.end_training()
     return args.output_dir
 
 
 if __name__ == "__main__":
-    training_cli.run(parse_args, settings, train)
+    cli.run_trainer(parse_args, settings, train)

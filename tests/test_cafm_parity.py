@@ -14,7 +14,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from diffusers_afm.conversion import convert_cafm_discriminator, convert_sit_generator
-from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep, drop_class_labels, is_discriminator_step
+from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep, is_discriminator_step
+from diffusers_afm.training.flow_matching import drop_class_labels
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cafm_sit"
 ATOL = 1e-5

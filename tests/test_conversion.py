@@ -18,7 +18,8 @@ from diffusers_afm.conversion import (
     convert_official_generator,
     infer_reference_kwargs,
 )
-from diffusers_afm.conversion.cli import CheckpointError, load_reference_state_dict, main
+from diffusers_afm.conversion.cli import main
+from diffusers_afm.conversion.files import CheckpointError, load_reference_state_dict
 
 CONVERTERS = {
     "gen_1nfe": convert_official_generator,

@@ -277,7 +277,7 @@ def test_a_small_folder_gets_a_model_and_schedule_sized_to_it(tmp_path, capsys, 
     data = _folder(tmp_path / "data")
     assert count_local_images(str(data)) == (12, 2)
     s = _dry_run(capsys, script, "--train_data_dir", str(data))
-    assert (s["defaults"], s["resolution"], s["vae"], s["random_flip"], s["model_config"]) == ("small", 32, "none", True, None)
+    assert (s["defaults"], s["resolution"], s["vae"], s["random_flip"], s["model_config"]) == ("small", 32, "none", True, "T/4")
     name = "generator" if script is train_afm else "classifier"
     model = s["_model"][name]
     assert model["config"]["patch_size"] == 4 and model["config"]["num_layers"] == 4  # 32 px / 4: an 8x8 grid

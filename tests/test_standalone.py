@@ -17,6 +17,7 @@ from diffusers_afm import (
     AdversarialFlowTransformer2DModel,
     AFMPipeline,
     FlowMatchingTransformer2DModel,
+    JiTTransformer2DModel,
     export_standalone,
     save_model_card,
 )
@@ -30,7 +31,11 @@ CALLS = {
     # A flow-matching model (what Continuous AFM post-trains): Heun steps under classifier-free guidance.
     "flow_heun_guided": dict(class_labels=[0, "crane"], num_inference_steps=3, solver="heun", guidance_scale=2.0,
                              output_type="np"),
+    # JiT in pixel space: its own solver (the default), guidance inside JiT's interval, noise of scale 2.
+    "jit_guided_interval": dict(class_labels=["tench", 1], num_inference_steps=4, guidance_scale=2.0,
+                                guidance_interval=(0.0, 0.6), output_type="np"),
 }
+CLASSES = {"flow_heun_guided": FlowMatchingTransformer2DModel, "jit_guided_interval": JiTTransformer2DModel}
 
 # Runs in a fresh interpreter in which `import diffusers_afm` fails, as on a machine without it.
 STANDALONE_SCRIPT = textwrap.dedent(
@@ -84,6 +89,9 @@ def _folders(root, vae_dir):
         flow.pop(key, None)
     velocity_model = randomize_(FlowMatchingTransformer2DModel(**flow, class_dropout_prob=0.1))
     AFMPipeline(velocity_model.eval(), id2label=ID2LABEL).save_pretrained(root / "flow_heun_guided")
+    jit = randomize_(JiTTransformer2DModel(sample_size=16, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+                                           bottleneck_dim=8, in_context_len=2, in_context_start=1, num_classes=3, noise_scale=2.0))
+    AFMPipeline(jit.eval(), id2label=ID2LABEL).save_pretrained(root / "jit_guided_interval")
     for name in CALLS:
         export_standalone(str(root / name))
 
@@ -105,9 +113,10 @@ def test_exported_folder_loads_without_diffusers_afm_bit_for_bit(tmp_path, tiny_
     assert "Expected types" not in result.stderr  # diffusers' type check accepted the generated classes
 
     assert "flow_heun_guided diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_flow" in result.stdout
+    assert "jit_guided_interval diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_jit" in result.stdout
     for name, call in CALLS.items():
         ours = AFMPipeline.from_pretrained(tmp_path / name)
-        expected_class = FlowMatchingTransformer2DModel if name.startswith("flow") else AdversarialFlowTransformer2DModel
+        expected_class = CLASSES.get(name, AdversarialFlowTransformer2DModel)
         assert type(ours) is AFMPipeline and type(ours.transformer) is expected_class
         ours.set_progress_bar_config(disable=True)
         expected = ours(**call, generator=torch.Generator().manual_seed(7)).images

@@ -223,9 +223,10 @@ def test_flag_errors_come_before_any_data_is_loaded(tmp_path, monkeypatch, no_da
 
 def test_push_to_hub_defaults_the_repo_and_creates_it_before_the_data(tmp_path, monkeypatch, no_data):
     import huggingface_hub
-    import training_cli
 
-    monkeypatch.setattr(training_cli, "hub_offline", lambda: False)
+    import diffusers_afm.hub
+
+    monkeypatch.setattr(diffusers_afm.hub, "hub_offline", lambda: False)
     calls = []
 
     def create_repo(repo_id, **kwargs):

@@ -445,8 +445,9 @@ class Wrapper(nn.Module):
 def test_ema_holds_a_frozen_copy():
     model = toy_model(0)
     ema = ModelEMA(Wrapper(model))
-    assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
-    assert ema.model[0].weight is not model[0].weight
+    averaged = ema.full_model()
+    assert not averaged.training and not any(p.requires_grad for p in averaged.parameters())
+    assert averaged[0].weight is not model[0].weight
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), model.state_dict().values()))
 
 

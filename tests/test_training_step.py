@@ -86,7 +86,7 @@ def test_ema_follows_each_iteration():
     step(*_batch(), 0)
     # EMA with decay 0.5 is halfway between the initial and the new weights.
     name = "proj_out.weight"
-    torch.testing.assert_close(ema.model.state_dict()[name], 0.5 * (g0[name] + gen.state_dict()[name]))
+    torch.testing.assert_close(ema.full_model().state_dict()[name], 0.5 * (g0[name] + gen.state_dict()[name]))
 
 
 def test_ot_term_pulls_the_generator_to_the_identity():

@@ -11,9 +11,11 @@ from .models import (
     AFM_PRESETS,
     AdversarialFlowClassifier,
     AdversarialFlowDiscriminator,
+    AdversarialFlowJiTDiscriminator,
     AdversarialFlowTransformer2DModel,
     AdversarialFlowZImageDiscriminator,
     FlowMatchingTransformer2DModel,
+    JiTTransformer2DModel,
     preset_config,
 )
 from .pipelines import AFMPipeline, export_standalone
@@ -28,9 +30,11 @@ __all__ = [
     "AFM_PRESETS",
     "AdversarialFlowClassifier",
     "AdversarialFlowDiscriminator",
+    "AdversarialFlowJiTDiscriminator",
     "AdversarialFlowTransformer2DModel",
     "AdversarialFlowZImageDiscriminator",
     "FlowMatchingTransformer2DModel",
+    "JiTTransformer2DModel",
     "export_standalone",
     "make_model_card",
     "preset_config",

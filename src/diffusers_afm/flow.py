@@ -7,12 +7,15 @@ written; the pipeline, the trainers' validation, the training losses and the toy
 call them.
 """
 
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
 PREDICTION_TYPES = ("sample", "velocity")
-SOLVERS = ("euler", "heun")
+# "heun" runs its corrector at every step (the CAFM reference's sampler); "heun_final_euler" ends
+# with an Euler step (JiT's, EDM's and k-diffusion's Heun), so the model is never called at t = 0,
+# where an x-prediction model's velocity `(x_t - x_pred) / t` has no meaning.
+SOLVERS = ("euler", "heun", "heun_final_euler")
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: Union[float, torch.Tensor]) -> torch.Tensor:
@@ -91,9 +94,28 @@ def check_solver(solver: str, num_steps: int) -> None:
 
 def solver_nfe(solver: str, num_steps: int) -> int:
     """Velocity evaluations of `solve_ode`: N for Euler, 2N for Heun (its corrector runs at every
-    step, the last included, as in the CAFM reference's sampler)."""
+    step, the last included, as in the CAFM reference's sampler), 2N - 1 for "heun_final_euler"."""
     check_solver(solver, num_steps)
-    return num_steps * (2 if solver == "heun" else 1)
+    return {"euler": num_steps, "heun": 2 * num_steps, "heun_final_euler": 2 * num_steps - 1}[solver]
+
+
+def check_guidance_interval(guidance_interval) -> None:
+    """A clear error unless `guidance_interval` is None or a pair `(t_low, t_high)`, 0 <= t_low < t_high <= 1."""
+    if guidance_interval is None:
+        return
+    ok = isinstance(guidance_interval, Sequence) and len(guidance_interval) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in guidance_interval)
+    if not ok or not 0 <= guidance_interval[0] < guidance_interval[1] <= 1:
+        raise ValueError(f"`guidance_interval` must be a pair (t_low, t_high) with 0 <= t_low < t_high <= 1 "
+                         f"(flow times, 1 = noise), or None for every step; got {guidance_interval!r}.")
+
+
+def in_guidance_interval(t: torch.Tensor, guidance_interval) -> torch.Tensor:
+    """Where classifier-free guidance applies: `t_low < t < t_high`, with t = 1 (the start) included
+    when `t_high` is 1. This is JiT's `--interval_min m --interval_max M` (its time runs the other
+    way) as `(1 - M, 1 - m)`: JiT guides where `m < t_JiT < M`, and everywhere below M when m = 0."""
+    low, high = guidance_interval
+    return (t > low) & ((t < high) | (high >= 1))
 
 
 def guided_velocity(
@@ -101,6 +123,7 @@ def guided_velocity(
     class_labels: torch.Tensor,
     null_class_id: Optional[int],
     guidance_scale: float,
+    guidance_interval: Optional[Sequence[float]] = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`v(x, t)` with the labels bound, under classifier-free guidance:
     `v_null + w (v_c - v_null)`, the conditional and null-class velocities in ONE batched call.
@@ -108,7 +131,11 @@ def guided_velocity(
     `velocity_fn(x, t, labels)` is the model; `guidance_scale` w = 1 is the plain conditional
     velocity (one call, no null-class pass). All channels are guided (SiT's sampler guides only the
     first three, "for exact reproducibility" of its paper; the standard rule guides all).
+    `guidance_interval=(t_low, t_high)` guides only the times `in_guidance_interval` (JiT's CFG
+    interval); outside it the velocity is the conditional one, from one call without the null
+    class (JiT evaluates both there and weights them 1 and 0).
     """
+    check_guidance_interval(guidance_interval)
     if guidance_scale == 1.0:
         return lambda x, t: velocity_fn(x, t, class_labels)
     if null_class_id is None:
@@ -120,8 +147,14 @@ def guided_velocity(
     labels = torch.cat([class_labels, null])
 
     def velocity(x, t):
+        guided = None if guidance_interval is None else in_guidance_interval(t, guidance_interval)
+        if guided is not None and not guided.any():
+            return velocity_fn(x, t, class_labels)
         v_cond, v_null = velocity_fn(torch.cat([x, x]), torch.cat([t, t]), labels).chunk(2)
-        return v_null + guidance_scale * (v_cond - v_null)
+        v_guided = v_null + guidance_scale * (v_cond - v_null)
+        if guided is None or guided.all():
+            return v_guided
+        return torch.where(guided.view(-1, *([1] * (x.ndim - 1))), v_guided, v_cond)
 
     return velocity
 
@@ -138,8 +171,9 @@ def solve_ode(
     `sampling_timesteps(num_steps)`.
 
     Euler: `x_{t'} = x_t - (t - t') v(x_t, t)`. Heun: the Euler point `x'`, then
-    `x_{t'} = x_t - (t - t') (v(x_t, t) + v(x', t')) / 2`. `velocity_fn(x, t)` takes one time per
-    sample; `progress` and `on_step_end(i, t, x_{t'})` are as in `sample`.
+    `x_{t'} = x_t - (t - t') (v(x_t, t) + v(x', t')) / 2`; "heun_final_euler" takes the last step
+    (to t' = 0) with Euler. `velocity_fn(x, t)` takes one time per sample; `progress` and
+    `on_step_end(i, t, x_{t'})` are as in `sample`.
     """
     check_solver(solver, num_steps)
     grid = sampling_timesteps(num_steps, device=noise.device)
@@ -151,7 +185,7 @@ def solve_ode(
         dt = grid[i] - grid[i + 1]
         v = velocity_fn(x, t)
         x_next = x - dt * v  # Euler; Heun's corrector averages v with the velocity at this point
-        if solver == "heun":
+        if solver == "heun" or (solver == "heun_final_euler" and i < num_steps - 1):
             x_next = x - dt * 0.5 * (v + velocity_fn(x_next, t_next))
         x = x_next
         if on_step_end is not None:

@@ -6,22 +6,25 @@ The card describes the folder it is written into: the model's settings come from
 (where it came from, the data, the training flags, the metrics) the caller passes.
 """
 
+import functools
 import glob
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .data.planning import downsampling_factor, hub_offline
 from .pipelines.export import is_standalone
-from .utils import atomic_file
+from .utils import SettingError, atomic_file
 
 PROJECT_URL = "https://github.com/diffusers-afm/diffusers-afm"
 PAPER_URL = "https://arxiv.org/abs/2511.22475"
 CAFM_PAPER_URL = "https://arxiv.org/abs/2604.11521"
 FLOW_MODEL_CLASS = "FlowMatchingTransformer2DModel"
+JIT_MODEL_CLASS = "JiTTransformer2DModel"  # a flow model too, with JiT's own sampler (docs/cafm.md, "JiT")
 
 # A Jinja template (huggingface_hub renders it); `card_data` is the YAML metadata block.
 CARD_TEMPLATE = """---
@@ -111,18 +114,23 @@ def _is_hub_dataset(dataset: str) -> bool:
     return True
 
 
-def _is_flow(index: dict) -> bool:
-    return isinstance(index.get("transformer"), list) and index["transformer"][1] == FLOW_MODEL_CLASS
+def _is_flow(index: dict) -> str:
+    """The class name of a flow model's transformer, or "" for an AFM generator."""
+    name = index["transformer"][1] if isinstance(index.get("transformer"), list) else ""
+    return name if name in (FLOW_MODEL_CLASS, JIT_MODEL_CLASS) else ""
 
 
-def _snippet(repo_id: str, config: dict, standalone: bool, flow: bool = False) -> str:
+def _snippet(repo_id: str, config: dict, standalone: bool, flow: str = "") -> str:
     num_classes = config["num_classes"]
     if num_classes > 1:
         labels = sorted({i * num_classes // 3 for i in range(min(3, num_classes))})
         sampling = ""
         if flow:
             guidance = ", guidance_scale=1.5" if config.get("class_dropout_prob", 0) > 0 else ""
-            sampling = f", num_inference_steps=50, solver=\"heun\"{guidance}"
+            if flow == JIT_MODEL_CLASS:  # JiT's own solver is the default; it guides inside its CFG interval
+                sampling = f", num_inference_steps=50{guidance}{', guidance_interval=(0.0, 0.9)' if guidance else ''}"
+            else:
+                sampling = f", num_inference_steps=50, solver=\"heun\"{guidance}"
         call = f"pipe(class_labels={labels}{sampling}, generator=torch.Generator().manual_seed(0)).images"
     else:
         call = "pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images"
@@ -140,8 +148,7 @@ def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], des
     kind = f"class-conditional ({num_classes} classes)" if num_classes > 1 else "unconditional"
     size = config["sample_size"]
     if index.get("vae", [None])[0] is not None:
-        vae_config = _read_json(os.path.join(folder, "vae", "config.json"))
-        pixels = size * 2 ** (len(vae_config["block_out_channels"]) - 1)
+        pixels = size * downsampling_factor(_read_json(os.path.join(folder, "vae", "config.json")))
         space = f"in the latent space of its VAE ({size}x{size} latents, {pixels}x{pixels} images)"
     else:
         space = f"in pixel space ({size}x{size} images)"
@@ -167,10 +174,14 @@ def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], des
     return text
 
 
-def _sampling_note(config: dict, flow: bool = False) -> str:
+def _sampling_note(config: dict, flow: str = "") -> str:
     if flow:
         guidance = ("`guidance_scale` > 1 applies classifier-free guidance through the null class (1 = none)."
                     if config.get("class_dropout_prob", 0) > 0 else "It has no null class, so no classifier-free guidance.")
+        if flow == JIT_MODEL_CLASS:
+            return ("The default `solver` is JiT's own, 'heun_final_euler' (Heun steps, the last one Euler); 'euler' and "
+                    f"'heun' work too. {guidance} JiT's evaluation: 50 steps, `guidance_interval=(0.0, 0.9)` and "
+                    "`guidance_scale` 3.0 (B), 2.4 / 2.5 (L/16, L/32), 2.2 / 2.3 (H/16, H/32).")
         return f"`solver` is 'euler' (default) or 'heun' (two model calls per step). {guidance}"
     steps = "Pass any `num_inference_steps` (default 1). " if config["nfe"] is None else ""
     labels = "Class names work as labels too (`pipe.labels` lists them). " if config["num_classes"] > 1 else ""
@@ -275,8 +286,8 @@ The generator is a stock `ZImageTransformer2DModel`: diffusers alone samples fro
 import torch
 from diffusers import ZImagePipeline
 
-pipe = ZImagePipeline.from_pretrained("{{ repo_id }}", torch_dtype=torch.bfloat16).to("cuda")
-image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=4.0).images[0]
+pipe = ZImagePipeline.from_pretrained("{{ repo_id }}", dtype=torch.bfloat16).to("cuda")
+image = pipe({{ example_prompt }}, height={{ resolution }}, width={{ resolution }}, num_inference_steps=50, guidance_scale=4.0).images[0]
 ```
 {% if training_settings %}
 ## Training settings
@@ -295,8 +306,10 @@ trained with [diffusers-afm]({{ project_url }}).
 def save_text_to_image_model_card(folder: str, *, repo_id: Optional[str] = None, base_model: Optional[str] = None,
                                   dataset: Optional[str] = None, training_settings: Optional[Dict[str, Any]] = None,
                                   sample_grid: Optional[str] = None, description: Optional[str] = None,
-                                  license: Optional[str] = "apache-2.0") -> str:
-    """The README.md of a Continuous-AFM post-trained `ZImagePipeline` folder (atomically); returns its path."""
+                                  license: Optional[str] = "apache-2.0", example_prompt: str = "a photo of a cat",
+                                  resolution: int = 1024) -> str:
+    """The README.md of a Continuous-AFM post-trained `ZImagePipeline` folder (atomically); returns its path.
+    The loading snippet samples `example_prompt` (a caption of the training data, say) at `resolution`."""
     if sample_grid is not None and not os.path.isfile(os.path.join(folder, sample_grid)):
         raise FileNotFoundError(f"`sample_grid`: no file {sample_grid!r} in {folder!r}.")
     repo_id = repo_id or os.path.basename(os.path.abspath(folder))
@@ -308,6 +321,7 @@ def save_text_to_image_model_card(folder: str, *, repo_id: Optional[str] = None,
     card = ModelCard.from_template(
         card_data, template_str=TEXT_TO_IMAGE_TEMPLATE, model_name=repo_id.rstrip("/").rsplit("/", 1)[-1],
         summary=summary, sample_grid=sample_grid, repo_id=repo_id, project_url=PROJECT_URL, cafm_paper_url=CAFM_PAPER_URL,
+        example_prompt=json.dumps(example_prompt), resolution=resolution,
         training_settings=json.dumps(training_settings, indent=2, sort_keys=True, default=str) if training_settings else None,
     )
     tags = ["diffusers"] + (["diffusers-training"] if training_settings else [])
@@ -319,4 +333,87 @@ def save_text_to_image_model_card(folder: str, *, repo_id: Optional[str] = None,
     return path
 
 
-__all__ = ["make_model_card", "save_model_card", "save_text_to_image_model_card"]
+# ----------------------------------------------------------------------------- a training run's output
+def save_pipeline_folder(output_dir: str, pipeline, *, sample_grid=None, discriminator=None, standalone: bool = False,
+                         **card) -> None:
+    """A training run's final folder, each part written atomically: `samples.png` (the PIL
+    `sample_grid`), the pipeline (`model_index.json` last, so that a loader never sees half a
+    folder), with `standalone` the code that loads it without diffusers-afm, `discriminator/`, and
+    the model card (`make_model_card`'s keyword arguments in `card`)."""
+    from .pipelines.export import export_standalone
+    from .utils import atomic_save_pretrained, save_image, save_pretrained_into
+
+    if sample_grid is not None:
+        save_image(sample_grid, os.path.join(output_dir, "samples.png"))
+        card.setdefault("sample_grid", "samples.png")
+    save_pretrained_into(pipeline, output_dir, last="model_index.json")
+    if standalone:
+        export_standalone(output_dir)  # before the card, which then shows the trust_remote_code snippet
+    if discriminator is not None:
+        atomic_save_pretrained(discriminator, os.path.join(output_dir, "discriminator"))
+    save_model_card(output_dir, **card)
+
+
+# ----------------------------------------------------------------------------- a training run and the Hub
+def default_hub_model_id(output_dir: str) -> str:
+    """`--hub_model_id` when none is given: the output folder's name, as in diffusers' trainers."""
+    return os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
+
+
+def check_push_to_hub(push_to_hub: bool) -> None:
+    """Pushing while offline is an error at parse time, rather than after training."""
+    if push_to_hub and hub_offline():
+        raise SettingError("push_to_hub", True, "only with Hub access: HF_HUB_OFFLINE is set")
+
+
+def create_hub_repo(hub_model_id: str, private: bool = False, token: Optional[str] = None) -> str:
+    """Create (or find) a run's `--push_to_hub` repository at its start, so that a bad token or id
+    fails before training rather than after it. Returns the repository id."""
+    from huggingface_hub import create_repo
+
+    try:
+        return create_repo(hub_model_id, exist_ok=True, private=private, token=token).repo_id
+    except Exception as err:  # huggingface_hub raises HTTP, offline and validation errors
+        raise ValueError(f"`--push_to_hub`: cannot create the repository {hub_model_id!r} "
+                         f"(check --hub_model_id and --hub_token / `huggingface-cli login`): {err}") from None
+
+
+def upload_output(output_dir: str, repo_id: str, commit_message: str, logging_dir: str = "logs",
+                  token: Optional[str] = None) -> None:
+    """Upload a run's output folder without its checkpoints, hidden files and tracker logs."""
+    from huggingface_hub import upload_folder
+
+    upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message=commit_message,
+                  ignore_patterns=["checkpoint-*", ".*", f"{logging_dir}/*"])
+
+
+@functools.lru_cache(maxsize=8)
+def download_pretrained(path: str, what: str, allow_patterns: Tuple[str, ...]) -> str:
+    """`--pretrained_model_name_or_path`: a local folder as it is; a Hub id downloaded (or found in
+    the cache) with the files `allow_patterns` match; a `SettingError` naming `what` is expected otherwise.
+
+    Remembered per process: a trainer resolves the same id when it checks its flags and when it
+    trains, and the Hub is asked once."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=list(allow_patterns))
+    except Exception as err:  # not an id, not on the Hub, offline and not cached, no access
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise SettingError("pretrained_model_name_or_path", path,
+                           f"{what}, or a Hub repository id that can be downloaded ({reason})") from None
+
+
+__all__ = [
+    "check_push_to_hub",
+    "create_hub_repo",
+    "default_hub_model_id",
+    "download_pretrained",
+    "make_model_card",
+    "save_model_card",
+    "save_pipeline_folder",
+    "save_text_to_image_model_card",
+    "upload_output",
+]

@@ -80,6 +80,12 @@ def atomic_file(path: str, mode: str = "wb"):
         raise
 
 
+def save_image(image, path: str) -> None:
+    """A PIL image (a sample grid, say) as a PNG, written atomically."""
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
+
+
 def save_pretrained_into(obj, folder: str, last: str) -> None:
     """`obj.save_pretrained` into a folder that also holds other things (checkpoints, logs).
 
@@ -114,6 +120,52 @@ class RunStopped(RuntimeError):
 
 class FlagValueError(ValueError, argparse.ArgumentTypeError):
     """A bad command-line value: a `ValueError` to Python callers, argparse's own message on the command line."""
+
+
+class SettingError(ValueError):
+    """A setting whose value the method or the run does not allow.
+
+    Raised by the library's own validators (the objectives' and the optimiser's dataclasses, the data
+    planning functions), each setting checked in one place. `name` is the setting's name, which is
+    also the example trainers' flag: their parsers turn the error into one naming `--name`
+    (`diffusers_afm.training.cli.flag_errors`).
+    """
+
+    def __init__(self, name: str, value, allowed: str):
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"`{name}` got {value!r}; allowed: {allowed}{_end(allowed)}")
+
+
+def _end(sentence: str) -> str:
+    """The full stop a message needs, unless it ends in one already."""
+    return "" if sentence.endswith((".", "?", "!")) else "."
+
+
+def settings_from_flags(cls, flags, names: Optional[dict] = None):
+    """A settings dataclass (`AFMObjective`, `OptimizerConfig`, `RunConfig`, ...) from the flag values
+    of a trainer (its `vars(args)`): each field from the flag of the same name, or of `names[field]`
+    where the flag is called otherwise; the field's default where the trainer has no such flag. The
+    dataclass checks the values, and a `SettingError` names the flag."""
+    import dataclasses
+
+    names = names or {}
+    values = {}
+    for field in dataclasses.fields(cls):
+        flag = names.get(field.name, field.name)
+        if flag in flags:
+            values[field.name] = flags[flag]
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise KeyError(f"{cls.__name__} needs the flag {flag!r}")
+    try:
+        return cls(**values)
+    except SettingError as err:
+        raise SettingError(names.get(err.name, err.name), err.value, err.allowed) from None
+
+
+def check_setting(ok: bool, name: str, value, allowed: str) -> None:
+    """Raise `SettingError(name, value, allowed)` unless `ok`."""
+    if not ok:
+        raise SettingError(name, value, allowed)
 
 
 def parse_nfe(value) -> "int | None":

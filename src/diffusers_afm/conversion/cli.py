@@ -1,9 +1,10 @@
-r"""`afm-convert`: turn a released AFM generator checkpoint, or a SiT flow-matching checkpoint (the
-model Continuous AFM post-trains), into an `AFMPipeline` folder.
+r"""`afm-convert`: turn a released AFM generator checkpoint, or a SiT or JiT flow-matching checkpoint
+(the models Continuous AFM post-trains), into an `AFMPipeline` folder.
 
     afm-convert --checkpoint xl2_1nfe_guided_FID2.38.pth --model_size XL/2 --nfe 1 \
         --vae stabilityai/sd-vae-ft-mse --output_dir afm-xl2-1nfe
     afm-convert --checkpoint SiT-XL-2-256.pt --format sit --model_size XL/2 --output_dir sit-xl2
+    afm-convert --checkpoint jit-h-16/checkpoint-last.pth --format jit --output_dir jit-h16
 
 The model's shape (width, depth, patch size, channels, classes, input size) and its time
 embedders are read off the checkpoint; the head count comes from `--model_size`, `--num_heads` or
@@ -16,95 +17,26 @@ A bad flag exits with status 2 and a bad checkpoint file with status 1, each wit
 import argparse
 import json
 import os
-import pickle
 import sys
-import zipfile
-from importlib import resources
 from typing import Dict, Optional
-
-import torch
 
 from ..data.training_data import DEFAULT_VAE
 from ..models.transformer_afm import AFM_PRESETS
+from ..models.transformer_jit import JIT_PRESETS
 from ..utils import FlagValueError, atomic_directory, parse_nfe
-from .official import convert_official_generator, convert_sit_generator, strip_wrapper_prefixes
+from .files import (
+    IMAGENET_DATASET,
+    NESTED_KEYS,
+    CheckpointError,
+    imagenet_id2label,
+    load_error_reason,
+    load_reference_state_dict,
+    read_checkpoint,
+)
+from .official import convert_official_generator, convert_sit_generator
 
-FORMATS = ("afm", "sit")
-
-IMAGENET_DATASET = "ILSVRC/imagenet-1k"
-# Keys under which training scripts commonly nest the weights; the EMA weights are what samples well.
-_NESTED_KEYS = ("ema", "model_ema", "state_dict", "model", "gen", "generator")
-_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-_EXPECTED = "a state dict of tensors written by torch.save (.pth/.pt/.bin/.ckpt) or by safetensors (.safetensors)"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or holds no state dict of the expected layout."""
-
-
-def imagenet_id2label() -> Dict[int, str]:
-    """The 1000 ImageNet-1k class names (WordNet synonyms, comma-separated), shipped with the package."""
-    text = resources.files("diffusers_afm").joinpath("data/imagenet_classes.json").read_text(encoding="utf-8")
-    return {int(k): v for k, v in json.loads(text).items()}
-
-
-def _reason(err: Exception) -> str:
-    """One line from a loader's error: torch's weights-only refusal is a page long, and its last
-    line ("WeightsUnpickler error: ...") is the one that says what was refused."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    refusal = [line for line in lines if line.startswith("WeightsUnpickler error")]
-    line = (refusal[0] if refusal else (lines[0] if lines else "")).split(". ")[0].rstrip(".")
-    return f"{type(err).__name__}: {line[:200]}"
-
-
-def load_reference_state_dict(path: str, state_dict_key: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Read a `.pth`/`.pt`/`.bin`/`.ckpt` (safely: `weights_only=True`, which runs no code) or
-    `.safetensors` state dict; the weights nested under a common key (or `state_dict_key`) are found.
-
-    Raises `FileNotFoundError` for a missing file, `FlagValueError` for a file name it does not
-    read, and `CheckpointError` for a file it cannot read or that holds no state dict.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"`--checkpoint`: no file at {path!r}.")
-    if not path.endswith(_SUFFIXES):
-        raise FlagValueError(f"`--checkpoint` must be a {', '.join(_SUFFIXES)} file, got {path!r}.")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch and safetensors raise many types (RuntimeError, KeyError, OSError, ...)
-        if path.endswith(".safetensors"):
-            detail = f"not a complete safetensors file ({_reason(err)})"
-        elif not zipfile.is_zipfile(path):
-            detail = "not a complete torch.save archive (a zip file): truncated, or not a PyTorch checkpoint"
-        elif isinstance(err, pickle.UnpicklingError):
-            detail = f"it holds objects other than tensors, which torch.load(weights_only=True) refuses ({_reason(err)})"
-        else:
-            detail = _reason(err)
-        raise CheckpointError(f"`--checkpoint` {path!r} cannot be read: {detail}; expected {_EXPECTED}.") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"`--checkpoint` {path!r} holds a {type(obj).__name__}, not a state dict; expected {_EXPECTED}.")
-    if state_dict_key is not None:
-        if state_dict_key not in obj:
-            raise FlagValueError(f"`--state_dict_key`: {state_dict_key!r} is not in {path!r}; it has {sorted(map(str, obj))}.")
-        obj = obj[state_dict_key]
-    elif not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in _NESTED_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        else:
-            raise CheckpointError(
-                f"`--checkpoint` {path!r} has no tensors at its top level; pick the weights among "
-                f"{sorted(map(str, obj))} with `--state_dict_key`."
-            )
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"`--checkpoint` {path!r}: the selected entry is not a state dict of tensors.")
-    return strip_wrapper_prefixes(obj)
-
+FORMATS = ("afm", "sit", "jit")
+_SOURCE_NAMES = {"afm": "reference", "sit": "SiT", "jit": "JiT"}
 
 class _OneLineErrors(argparse.ArgumentParser):
     """argparse with its usage errors on one line, like every other error of the command."""
@@ -125,19 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--format", default="afm", choices=FORMATS,
         help="'afm': an AFM generator (the reference layout); 'sit': a SiT flow-matching model (the official "
         "SiT-XL-2-256.pt layout, or the CAFM reference's generator), converted to a FlowMatchingTransformer2DModel "
-        "in this library's time convention (default: %(default)s).")
-    add("--model_size", default=None, choices=list(AFM_PRESETS),
-        help="Preset size, for the head count (default: the preset of the checkpoint's depth and width).")
+        "in this library's time convention; 'jit': a JiT pixel-space model (JiT's checkpoint-*.pth, whose "
+        "`model_ema1` is taken, or the CAFM authors' JiT state dict), converted to a JiTTransformer2DModel "
+        "(default: %(default)s).")
+    add("--model_size", default=None, choices=list(AFM_PRESETS) + list(JIT_PRESETS),
+        help="Preset size, for the head count (afm, sit; default: the preset of the checkpoint's depth and width); "
+        "for jit, a JiT size the weights must have (they give every size but --in_context_start).")
+    add("--in_context_start", type=int, default=None,
+        help="jit: the block before which the in-context class tokens join, for a size that is not a JiT preset "
+        "(default: the preset's: B 4, L 8, H 10).")
     add("--num_heads", type=int, default=None, help="Head count, for a size that is not a preset (default: from --model_size).")
     add("--nfe", type=parse_nfe, default=None,
         help="Steps the model was trained for: 1, 2, 4, ... or 'any' (default: 1 without a time embedder, "
         "'any' with a target-time embedder).")
     add("--depth_repeat", type=int, default=1, help="Deep models: 2 (56 layers) or 4 (112 layers) (default: %(default)s).")
-    add("--vae", default=DEFAULT_VAE, help="Local folder or Hub id of the VAE, or 'none' for pixel space (default: %(default)s).")
+    add("--vae", default=None,
+        help=f"Local folder or Hub id of the VAE, or 'none' for pixel space (default: {DEFAULT_VAE}; none for jit).")
     add("--class_names", default="imagenet",
         help="'imagenet' (used for 1000 classes), a JSON file {id: name}, or 'none' (default: %(default)s).")
     add("--state_dict_key", default=None,
-        help=f"Key of the weights inside a nested checkpoint, e.g. 'ema' (default: the first of {', '.join(_NESTED_KEYS)} found).")
+        help=f"Key of the weights inside a nested checkpoint, e.g. 'ema' (default: the first of {', '.join(NESTED_KEYS)} found).")
     add("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="Dtype of the saved weights (default: %(default)s).")
     add("--standalone", action="store_true",
         help="Also write the generated code with which the folder loads without diffusers-afm "
@@ -157,9 +96,19 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
     if args.num_heads is not None and args.num_heads < 1:
         raise FlagValueError(f"`--num_heads` must be a positive integer, got {args.num_heads}.")
-    if args.format == "sit" and (args.nfe is not None or args.depth_repeat != 1):
-        raise FlagValueError("`--nfe` and `--depth_repeat` are AFM settings; a SiT (`--format sit`) samples with any "
-                             "number of ODE steps. Leave them out.")
+    if args.format in ("sit", "jit") and (args.nfe is not None or args.depth_repeat != 1):
+        raise FlagValueError(f"`--nfe` and `--depth_repeat` are AFM settings; a {args.format.upper()} (`--format "
+                             f"{args.format}`) samples with any number of ODE steps. Leave them out.")
+    if args.format == "jit":
+        if args.vae not in (None, "none"):
+            raise FlagValueError(f"`--vae` must be 'none' (or left out) for JiT, a pixel-space model; got {args.vae!r}.")
+        if args.num_heads is not None:
+            raise FlagValueError("`--num_heads` is not needed for JiT: the head count is read off the weights. Leave it out.")
+        if args.model_size is not None and args.model_size not in JIT_PRESETS:
+            raise FlagValueError(f"`--model_size` for JiT must be one of {', '.join(JIT_PRESETS)}, got {args.model_size!r}.")
+    elif args.in_context_start is not None or args.model_size in JIT_PRESETS:
+        raise FlagValueError(f"`--in_context_start` and the JiT sizes of `--model_size` are for `--format jit`, not "
+                             f"{args.format!r}.")
     if args.class_names not in ("imagenet", "none") and not os.path.isfile(args.class_names):
         raise FlagValueError(f"`--class_names` must be 'imagenet', 'none' or a JSON file, got {args.class_names!r}.")
 
@@ -173,7 +122,7 @@ def _load_class_names(args: argparse.Namespace, num_classes: int) -> Optional[Di
         with open(args.class_names, encoding="utf-8") as f:
             return {int(k): str(v) for k, v in json.load(f).items()}
     except (ValueError, AttributeError) as err:
-        raise FlagValueError(f"`--class_names` {args.class_names!r} is not a JSON object {{id: name}} ({_reason(err)}).") from None
+        raise FlagValueError(f"`--class_names` {args.class_names!r} is not a JSON object {{id: name}} ({load_error_reason(err)}).") from None
 
 
 def convert(args: argparse.Namespace) -> str:
@@ -183,6 +132,7 @@ def convert(args: argparse.Namespace) -> str:
 
     _check_flags(args)
     vae = None
+    args.vae = args.vae or ("none" if args.format == "jit" else DEFAULT_VAE)
     if args.vae.lower() != "none":
         from diffusers import AutoencoderKL
 
@@ -191,7 +141,7 @@ def convert(args: argparse.Namespace) -> str:
             vae = AutoencoderKL.from_pretrained(args.vae, subfolder=subfolder)
         except (OSError, ValueError) as err:  # not a folder, not on the Hub, or offline and not cached
             raise FlagValueError(
-                f"`--vae` {args.vae!r} cannot be loaded ({_reason(err)}); pass a local VAE folder, a Hub id "
+                f"`--vae` {args.vae!r} cannot be loaded ({load_error_reason(err)}); pass a local VAE folder, a Hub id "
                 "(online or cached), or 'none' for a pixel-space model."
             ) from None
     repo_id = None
@@ -201,9 +151,19 @@ def convert(args: argparse.Namespace) -> str:
         # Before the conversion, so that a missing token or a taken name fails first.
         repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True).repo_id
 
-    state_dict = load_reference_state_dict(args.checkpoint, args.state_dict_key)
+    if args.format == "jit":
+        from .jit import load_jit_checkpoint
+
+        state_dict, jit_args = load_jit_checkpoint(args.checkpoint, args.state_dict_key)
+    else:
+        state_dict = load_reference_state_dict(args.checkpoint, args.state_dict_key)
     try:
-        if args.format == "sit":
+        if args.format == "jit":
+            from .jit import convert_jit_generator
+
+            transformer = convert_jit_generator(state_dict, model_size=args.model_size,
+                                                in_context_start=args.in_context_start, args=jit_args)
+        elif args.format == "sit":
             transformer = convert_sit_generator(state_dict, model_size=args.model_size, num_heads=args.num_heads)
         else:
             transformer = convert_official_generator(
@@ -231,7 +191,7 @@ def convert(args: argparse.Namespace) -> str:
             tmp,
             repo_id=repo_id or os.path.basename(os.path.abspath(args.output_dir)),
             dataset=dataset,
-            description=f"Converted with `afm-convert` from the {'SiT' if args.format == 'sit' else 'reference'} "
+            description=f"Converted with `afm-convert` from the {_SOURCE_NAMES[args.format]} "
             f"checkpoint `{os.path.basename(args.checkpoint)}`.",
             license=args.license,
         )

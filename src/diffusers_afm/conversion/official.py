@@ -41,7 +41,7 @@ def _time_rules(ref: str, ours: str) -> List[Tuple[str, str]]:
     ]
 
 
-def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     """Reference final adaLN emits (shift, scale); diffusers' AdaLayerNormContinuous wants (scale, shift)."""
     shift, scale = tensor.chunk(2, dim=0)
     return torch.cat([scale, shift], dim=0)
@@ -54,7 +54,7 @@ _GENERATOR_RULES = (
     + _time_rules("t_tgt_embedder", "time_tgt_embed")
     + [(r"final_layer\.linear\.(weight|bias)", r"proj_out.\1")]
 )
-_GENERATOR_TRANSFORMS = {r"final_layer\.adaLN_modulation\.1\.(weight|bias)": (r"norm_out.linear.\1", _swap_halves)}
+_GENERATOR_TRANSFORMS = {r"final_layer\.adaLN_modulation\.1\.(weight|bias)": (r"norm_out.linear.\1", swap_halves)}
 _DISCRIMINATOR_RULES = (
     _TRUNK_RULES
     + [_LABEL_RULE, (r"dis_embed", "token"), (r"final_layer\.1\.weight", "proj_out.weight")]
@@ -78,7 +78,7 @@ def strip_wrapper_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, tor
     return out
 
 
-def _map_state_dict(
+def map_state_dict(
     state_dict: Dict[str, torch.Tensor],
     rules: List[Tuple[str, str]],
     transforms: Dict[str, Tuple[str, Callable]],
@@ -226,7 +226,7 @@ def _trunk_config(
     )
 
 
-def _load(model: torch.nn.Module, converted: Dict[str, torch.Tensor]) -> torch.nn.Module:
+def load_converted(model: torch.nn.Module, converted: Dict[str, torch.Tensor]) -> torch.nn.Module:
     model.load_state_dict(converted, strict=True)
     return model.eval()
 
@@ -282,7 +282,7 @@ def convert_official_generator(
         prediction_type=prediction_type,
         nfe=nfe,
     )
-    return _load(model, _map_state_dict(state_dict, _GENERATOR_RULES, _GENERATOR_TRANSFORMS, model, num_classes))
+    return load_converted(model, map_state_dict(state_dict, _GENERATOR_RULES, _GENERATOR_TRANSFORMS, model, num_classes))
 
 
 def convert_official_discriminator(
@@ -301,7 +301,7 @@ def convert_official_discriminator(
     if use_t is None:
         use_t = "t_embedder.mlp.0.weight" in state_dict
     model = AdversarialFlowDiscriminator(**_trunk_config(**reference_kwargs), num_classes=num_classes, use_timestep=use_t)
-    return _load(model, _map_state_dict(state_dict, _DISCRIMINATOR_RULES, {}, model, num_classes))
+    return load_converted(model, map_state_dict(state_dict, _DISCRIMINATOR_RULES, {}, model, num_classes))
 
 
 def convert_official_classifier(
@@ -317,7 +317,7 @@ def convert_official_classifier(
     reference_kwargs = _with_inferred(state_dict, {"num_classes": num_classes, **reference_kwargs}, model_size)
     num_classes = reference_kwargs.pop("num_classes")
     model = AdversarialFlowClassifier(**_trunk_config(**reference_kwargs), num_classes=num_classes)
-    return _load(model, _map_state_dict(state_dict, _CLASSIFIER_RULES, {}, model, num_classes))
+    return load_converted(model, map_state_dict(state_dict, _CLASSIFIER_RULES, {}, model, num_classes))
 
 
 # ----------------------------------------------------------------------------- SiT and Continuous AFM
@@ -416,10 +416,10 @@ def convert_sit_generator(
     transforms = {
         **_SIT_TIME_TRANSFORMS,
         r"final_layer\.linear\.(weight|bias)": (r"proj_out.\1", velocity),
-        r"final_layer\.adaLN_modulation\.1\.(weight|bias)": (r"norm_out.linear.\1", _swap_halves),
+        r"final_layer\.adaLN_modulation\.1\.(weight|bias)": (r"norm_out.linear.\1", swap_halves),
     }
     rules = _TRUNK_RULES + [_LABEL_RULE] + _SIT_TIME_RULES
-    return _load(model, _map_state_dict(state_dict, rules, transforms, model, num_classes))
+    return load_converted(model, map_state_dict(state_dict, rules, transforms, model, num_classes))
 
 
 def convert_cafm_discriminator(
@@ -444,4 +444,4 @@ def convert_cafm_discriminator(
         time_scale=1.0,
     )
     rules = _TRUNK_RULES + [_LABEL_RULE, (r"dis_embed", "token"), (r"final_layer\.1\.weight", "proj_out.weight")]
-    return _load(model, _map_state_dict(state_dict, rules + _SIT_TIME_RULES, _SIT_TIME_TRANSFORMS, model, num_classes))
+    return load_converted(model, map_state_dict(state_dict, rules + _SIT_TIME_RULES, _SIT_TIME_TRANSFORMS, model, num_classes))

@@ -1,5 +1,5 @@
-"""Training data: images (`images`), the latent cache (`latent_cache`), and what a run reads
-(`training_data`). `imagenet_classes.json`, beside these modules, is package data (the class
+"""Training data: images (`images`), the latent cache (`latent_cache`), what a run reads
+(`training_data`), and what it will read, known before loading anything (`planning`). `imagenet_classes.json`, beside these modules, is package data (the class
 names of converted ImageNet checkpoints)."""
 
 from .images import (
@@ -11,11 +11,13 @@ from .images import (
     class_names,
     collate,
     count_local_images,
+    decode_image,
     digits_dataset,
     infer_num_classes,
     is_embedded_digits,
     load_image_dataset,
     make_preprocess,
+    missing_column_error,
     prepare_dataset,
     random_flip,
 )
@@ -37,42 +39,72 @@ from .latent_cache import (
     write_latent_cache,
     write_latent_cache_shard,
 )
-from .training_data import DEFAULT_VAE, TrainingData, load_training_data, load_vae, vae_scale_factor
+from .planning import (
+    check_model_input,
+    choose_defaults,
+    count_training_images,
+    downsampling_factor,
+    planned_model_inputs,
+    small_data_input,
+    vae_downsampling,
+)
+from .training_data import (
+    DATA_FLAGS,
+    DEFAULT_VAE,
+    TrainingData,
+    load_training_data,
+    load_vae,
+    make_dataloader,
+    random_subset,
+    vae_scale_factor,
+)
 
 __all__ = [
+    "DATA_FLAGS",
     "DEFAULT_LABEL_COLUMN",
     "DEFAULT_VAE",
     "DIGITS_NAMES",
     "EMBEDDED_DIGITS",
-    "ImageTransform",
     "LATENT_CACHE_FORMAT",
     "LATENT_CACHE_INFO",
-    "LatentCacheDataset",
-    "TrainingData",
     "cache_shards",
     "cached_latents",
     "check_columns",
+    "check_model_input",
+    "choose_defaults",
     "class_names",
     "collate",
     "collate_latents",
     "count_local_images",
+    "count_training_images",
+    "decode_image",
     "digits_dataset",
+    "downsampling_factor",
     "encode_cache_batch",
     "encode_posterior",
+    "ImageTransform",
     "infer_num_classes",
     "is_embedded_digits",
     "latent_cache_info",
     "latent_cache_shard_name",
+    "LatentCacheDataset",
     "load_image_dataset",
     "load_training_data",
     "load_vae",
+    "make_dataloader",
     "make_preprocess",
+    "missing_column_error",
     "missing_shards",
+    "planned_model_inputs",
     "prepare_dataset",
     "random_flip",
+    "random_subset",
     "read_cache_info",
     "sample_posterior",
     "select_flip",
+    "small_data_input",
+    "TrainingData",
+    "vae_downsampling",
     "vae_scale_factor",
     "write_latent_cache",
     "write_latent_cache_shard",

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..utils import RunStopped
-from .images import ImageTransform, _decode, _missing_column, load_image_dataset, random_flip
-from .training_data import _dataloader, _subset
+from .images import ImageTransform, decode_image, load_image_dataset, missing_column_error, random_flip
+from .training_data import make_dataloader, random_subset
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,12 @@ def load_captioned_dataset(dataset_name: Optional[str], train_data_dir: Optional
                          "`--dataset_name` (a Hub dataset with a caption column).")
     dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
     if image_column not in dataset.column_names:
-        raise _missing_column("image_column", image_column, dataset)
+        raise missing_column_error("image_column", image_column, dataset)
     if caption_column not in dataset.column_names:
         folder = train_data_dir or (dataset_name if dataset_name and os.path.isdir(dataset_name) else None)
         hint = (f" A local folder's captions come from a metadata.jsonl beside the images, one line per image: "
                 f'{{"file_name": "0001.png", "{caption_column}": "a caption"}}.' if folder else "")
-        raise ValueError(str(_missing_column("caption_column", caption_column, dataset)) + hint)
+        raise ValueError(str(missing_column_error("caption_column", caption_column, dataset)) + hint)
     check_captions(dataset[caption_column], caption_column)
     return dataset
 
@@ -65,7 +65,7 @@ def prepare_captioned_dataset(dataset, image_column: str, caption_column: str, t
     def preprocess(examples: Dict[str, list]) -> Dict[str, list]:
         pixels = []
         for value in examples[image_column]:
-            image, _ = _decode(value)
+            image, _ = decode_image(value)
             pixels.append(transform(image) if image is not None else None)
         return {"pixel_values": pixels, "caption": examples[caption_column]}
 
@@ -134,8 +134,8 @@ def captioned_dataloader(dataset, *, resolution: int, train_batch_size: int, cap
     """`(dataset, dataloader)` of a `load_captioned_dataset` dataset at `resolution` (shorter side
     resized, square crop)."""
     transform = ImageTransform(resolution, center_crop=center_crop, mode="RGB")
-    dataset = _subset(prepare_captioned_dataset(dataset, image_column, caption_column, transform), max_train_samples, seed)
-    loader = _dataloader(dataset, collate_captioned, train_batch_size, dataloader_num_workers, seed, "training data")
+    dataset = random_subset(prepare_captioned_dataset(dataset, image_column, caption_column, transform), max_train_samples, seed)
+    loader = make_dataloader(dataset, collate_captioned, train_batch_size, dataloader_num_workers, seed, "training data")
     return dataset, loader
 
 

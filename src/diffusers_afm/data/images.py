@@ -93,7 +93,7 @@ def load_image_dataset(
 DEFAULT_LABEL_COLUMN = "label"
 
 
-def _missing_column(flag: str, column: str, dataset) -> ValueError:
+def missing_column_error(flag: str, column: str, dataset) -> ValueError:
     close = difflib.get_close_matches(column, dataset.column_names, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return ValueError(f"`--{flag}` {column!r} is not a column; the dataset has {dataset.column_names}.{hint}")
@@ -104,11 +104,11 @@ def check_columns(dataset, image_column: str, label_column: Optional[str]) -> Op
     None, `"label"` if the dataset has that column, else None (one class). A missing image column
     is an error too; both name the columns the dataset has and the close matches."""
     if image_column not in dataset.column_names:
-        raise _missing_column("image_column", image_column, dataset)
+        raise missing_column_error("image_column", image_column, dataset)
     if label_column is None:
         return DEFAULT_LABEL_COLUMN if DEFAULT_LABEL_COLUMN in dataset.column_names else None
     if label_column not in dataset.column_names:
-        raise _missing_column("label_column", label_column, dataset)
+        raise missing_column_error("label_column", label_column, dataset)
     return label_column
 
 
@@ -130,7 +130,7 @@ def infer_num_classes(dataset, label_column: Optional[str], num_classes: Optiona
     if label_column is None:
         return num_classes or 1
     if label_column not in dataset.column_names:
-        raise _missing_column("label_column", label_column, dataset)
+        raise missing_column_error("label_column", label_column, dataset)
     names = class_names(dataset, label_column)
     labels = np.asarray(dataset[label_column])
     if labels.size == 0:
@@ -181,7 +181,7 @@ class ImageTransform:
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
-def _decode(value) -> Tuple[Optional[PIL.Image.Image], str]:
+def decode_image(value) -> Tuple[Optional[PIL.Image.Image], str]:
     """Decode an undecoded `datasets.Image` value; returns (image or None, its name for messages)."""
     if isinstance(value, PIL.Image.Image):
         return value, "<in-memory image>"
@@ -202,7 +202,7 @@ def make_preprocess(image_column: str, label_column: Optional[str], transform: I
     def preprocess(examples: Dict[str, list]) -> Dict[str, list]:
         pixel_values = []
         for value in examples[image_column]:
-            image, _ = _decode(value)
+            image, _ = decode_image(value)
             pixel_values.append(transform(image) if image is not None else None)
         count = len(pixel_values)
         labels = examples[label_column] if label_column in examples else [0] * count
@@ -216,9 +216,9 @@ def prepare_dataset(dataset, image_column: str, label_column: Optional[str], tra
     import datasets
 
     if image_column not in dataset.column_names:
-        raise _missing_column("image_column", image_column, dataset)
+        raise missing_column_error("image_column", image_column, dataset)
     if label_column is not None and label_column not in dataset.column_names:
-        raise _missing_column("label_column", label_column, dataset)
+        raise missing_column_error("label_column", label_column, dataset)
     if isinstance(dataset.features[image_column], datasets.Image):
         # Decode ourselves, so that one broken file is skipped instead of stopping training.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))

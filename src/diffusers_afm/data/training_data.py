@@ -23,9 +23,14 @@ from .images import (
     random_flip,
 )
 from .latent_cache import LatentCacheDataset, cached_latents, collate_latents
+from .planning import downsampling_factor
 
 # The paper's VAE (docs/method.md, "Notation": x0 is an SD-VAE latent): 8x downsampling, 4 latent channels.
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+# The arguments of `load_training_data` that the example trainers' data flags give, by the same names.
+DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "cache_dir", "image_column", "label_column",
+              "num_classes", "max_train_samples", "resolution", "center_crop", "random_flip", "vae", "vae_scaling_factor",
+              "latent_cache", "train_batch_size", "dataloader_num_workers", "seed")
 
 
 def load_vae(name_or_path: str, device=None, dtype: torch.dtype = torch.float32):
@@ -42,8 +47,8 @@ def load_vae(name_or_path: str, device=None, dtype: torch.dtype = torch.float32)
 
 
 def vae_scale_factor(vae) -> int:
-    """The VAE's spatial downsampling: 2 per encoder block but the last (8 for the SD-VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """The VAE's spatial downsampling (`planning.downsampling_factor` of its config)."""
+    return downsampling_factor(dict(vae.config))
 
 
 @dataclass
@@ -60,6 +65,16 @@ class TrainingData:
     in_channels: int
     random_flip: bool
     latent_cache: bool = False
+
+    def check_fits(self, model, what: str) -> None:
+        """`model` (a pretrained one, loaded from `what`) must take this data: its side, channels and classes."""
+        for key, value in (("sample_size", self.sample_size), ("in_channels", self.in_channels),
+                           ("num_classes", self.num_classes)):
+            if model.config[key] != value:
+                raise ValueError(
+                    f"{what} has {key}={model.config[key]}, but the training data gives {value}; pass the --resolution, "
+                    "--vae and data it was trained on (latent side = resolution / 8 with the SD-VAE)."
+                )
 
     @torch.no_grad()
     def latents(self, batch: Dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -80,7 +95,9 @@ class TrainingData:
         return latents.float() * self.scaling_factor
 
 
-def _dataloader(dataset, collate_fn, train_batch_size: int, num_workers: int, seed: int, what: str):
+def make_dataloader(dataset, collate_fn, train_batch_size: int, num_workers: int, seed: int, what: str):
+    """A shuffling loader that drops the last incomplete batch, with a generator of its own (`seed`);
+    a batch size larger than the data (`what`, for the message) is an error."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=train_batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
         num_workers=num_workers,
@@ -92,7 +109,7 @@ def _dataloader(dataset, collate_fn, train_batch_size: int, num_workers: int, se
     return loader
 
 
-def _subset(dataset, max_train_samples: Optional[int], seed: int):
+def random_subset(dataset, max_train_samples: Optional[int], seed: int):
     """`max_train_samples` rows of a map-style dataset, a fixed random choice (kept in their order)."""
     if max_train_samples is None or max_train_samples >= len(dataset):
         return dataset
@@ -149,10 +166,10 @@ def load_training_data(
         vae_model = load_vae(vae, device, dtype)
         num_classes = num_classes or cache.num_classes
         cache.check_compatible(vae_model, resolution, num_classes)
-        rows = _subset(cache, max_train_samples, seed)
+        rows = random_subset(cache, max_train_samples, seed)
         return TrainingData(
             dataset=rows,
-            dataloader=_dataloader(rows, collate_latents, train_batch_size, dataloader_num_workers, seed, "cache"),
+            dataloader=make_dataloader(rows, collate_latents, train_batch_size, dataloader_num_workers, seed, "cache"),
             num_classes=num_classes,
             id2label=cache.id2label,
             vae=vae_model,
@@ -172,7 +189,7 @@ def load_training_data(
     names = class_names(dataset, label_column)
     mode = "L" if is_embedded_digits(dataset_name, train_data_dir) else "RGB"
     train_dataset = prepare_dataset(dataset, image_column, label_column, ImageTransform(resolution, center_crop, mode))
-    dataloader = _dataloader(train_dataset, collate, train_batch_size, dataloader_num_workers, seed, "dataset")
+    dataloader = make_dataloader(train_dataset, collate, train_batch_size, dataloader_num_workers, seed, "dataset")
     vae_model = load_vae(vae, device, dtype)
     if vae_model is not None:
         sample_size, in_channels = resolution // vae_scale_factor(vae_model), vae_model.config.latent_channels

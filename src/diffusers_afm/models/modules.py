@@ -207,6 +207,18 @@ class AFMTransformerBlock(nn.Module):
         return torch.addcmul(hidden_states, gate_mlp.unsqueeze(1), self.ff(norm_hidden_states))
 
 
+def init_linears_(model: nn.Module) -> None:
+    """DiT's (and JiT's) first initialisation pass: every Linear xavier-uniform, its bias zero."""
+
+    def _basic_init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    model.apply(_basic_init)
+
+
 class AFMTrunkMixin:
     """The patch embedding and block stack that all three AFM networks share.
 
@@ -268,14 +280,7 @@ class AFMTrunkMixin:
 
     def _init_trunk_weights(self) -> None:
         """DiT's initialisation: xavier-uniform linears, zero adaLN (blocks start as identity)."""
-
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        init_linears_(self)
         proj = self.pos_embed.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
@@ -286,6 +291,12 @@ class AFMTrunkMixin:
         for block in self.transformer_blocks:
             nn.init.zeros_(block.norm1.linear.weight)
             nn.init.zeros_(block.norm1.linear.bias)
+
+
+def output_sample(output) -> torch.Tensor:
+    """The tensor a model call returns: `.sample` of our models' output objects, or the tensor a
+    plain module (the toys' MLPs) returns itself."""
+    return output.sample if hasattr(output, "sample") else output
 
 
 def unpatchify(hidden_states: torch.Tensor, patch_size: int, channels: int, height: int, width: int) -> torch.Tensor:
@@ -305,6 +316,7 @@ __all__ = [
     "AFMTrunkMixin",
     "as_batch_timesteps",
     "directional_derivative",
+    "init_linears_",
     "push_forward",
     "make_norm",
     "math_attention",

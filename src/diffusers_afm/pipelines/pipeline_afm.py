@@ -8,9 +8,10 @@ AFM models take no `guidance_scale`: AFM has no classifier-free guidance to scal
 "guided" model had classifier guidance trained into its generator (docs/method.md, "Classifier
 guidance"), so guided and guidance-free models sample the same way, in one pass per step.
 
-Flow-matching models (`FlowMatchingTransformer2DModel`) integrate their ODE with `solver="euler"` or
-`"heun"` over any `num_inference_steps`, with classifier-free guidance (`guidance_scale`, 1 = off)
-through their null class (docs/method.md, "Continuous AFM").
+Flow-matching models (`FlowMatchingTransformer2DModel`, and JiT's pixel-space
+`JiTTransformer2DModel`) integrate their ODE with `solver="euler"`, `"heun"` or `"heun_final_euler"`
+over any `num_inference_steps`, with classifier-free guidance (`guidance_scale`, 1 = off; JiT's
+`guidance_interval`) through their null class (docs/method.md, "Continuous AFM"; docs/cafm.md, "JiT").
 
 Fast sampling on a GPU (docs/performance.md): load in bf16 (`dtype=torch.bfloat16`), put the VAE in
 channels-last (`pipe.vae.to(memory_format=torch.channels_last)`), and for 1-NFE sampling at a fixed
@@ -19,7 +20,7 @@ batch size capture the whole sample as a CUDA graph with `pipe.enable_cuda_graph
 
 import difflib
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -27,8 +28,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-from ..flow import check_solver, guided_velocity, sample, solve_ode
-from ..models import AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel
+from ..flow import check_guidance_interval, check_solver, guided_velocity, sample, solve_ode
+from ..models import AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel, JiTTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 ClassLabels = Union[int, str, List[Union[int, str]], torch.Tensor]
@@ -38,15 +39,17 @@ def _normalize_name(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").split())
 
 
-# Flow-matching models: the defaults of a call without `num_inference_steps` / `solver`.
+# Flow-matching models: the defaults of a call without `num_inference_steps` / `solver` (a model class
+# may name its own solver as `default_solver`: JiT's is its sampler's "heun_final_euler").
 DEFAULT_FLOW_STEPS = 50
 DEFAULT_FLOW_SOLVER = "euler"
+FLOW_MODEL_CLASSES = ("FlowMatchingTransformer2DModel", "JiTTransformer2DModel")
 
 
 def is_flow_model(transformer) -> bool:
     """Whether the transformer is a flow-matching velocity model (by class name, so that the copies
     of an exported folder answer as the installed classes do)."""
-    return type(transformer).__name__ == "FlowMatchingTransformer2DModel"
+    return type(transformer).__name__ in FLOW_MODEL_CLASSES
 
 
 def allowed_num_inference_steps(config) -> Optional[int]:
@@ -64,8 +67,8 @@ class AFMPipeline(DiffusionPipeline):
     generator, so there is nothing to scale at sampling time (see the module docstring).
 
     Args:
-        transformer ([`AdversarialFlowTransformer2DModel`] or [`FlowMatchingTransformer2DModel`]): the
-            AFM generator, or a flow-matching velocity model.
+        transformer ([`AdversarialFlowTransformer2DModel`], [`FlowMatchingTransformer2DModel`] or
+            [`JiTTransformer2DModel`]): the AFM generator, or a flow-matching velocity model.
         vae ([`AutoencoderKL`], *optional*): decodes latents to images; `None` for a pixel-space model.
         id2label (`dict`, *optional*): class id -> name (comma-separated synonyms allowed, as in
             ImageNet's "tench, Tinca tinca"); stored in `model_index.json`, used to look labels up by name.
@@ -77,7 +80,7 @@ class AFMPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: Union[AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel],
+        transformer: Union[AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel, JiTTransformer2DModel],
         vae: Optional[AutoencoderKL] = None,
         id2label: Optional[Dict[Union[int, str], str]] = None,
     ):
@@ -123,7 +126,7 @@ class AFMPipeline(DiffusionPipeline):
         config = super()._dict_from_json_file(json_file)
         # Each copy is named after the file of its class's module.
         modules = {cls.__module__.rsplit(".", 1)[-1]: cls.__module__
-                   for cls in (AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel)}
+                   for cls in (AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel, JiTTransformer2DModel)}
         if isinstance(config.get("_class_name"), list):
             config["_class_name"] = config["_class_name"][1]
         for name, entry in config.items():
@@ -238,7 +241,8 @@ class AFMPipeline(DiffusionPipeline):
             seeds = [int(torch.randint(0, 2**62, (1,), generator=generator, device=device_)) for _ in range(batch_size)]
             generators = [torch.Generator(device_).manual_seed(seed) for seed in seeds]
         noise = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
-        return torch.cat(noise).to(device)
+        # A model trained on noise of another scale (JiT's 512 px models: 2) starts from that noise.
+        return torch.cat(noise).to(device) * getattr(config, "noise_scale", 1.0)
 
     # ------------------------------------------------------------------ generate and decode
     def _denoise(
@@ -250,6 +254,7 @@ class AFMPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] = (),
         guidance_scale: float = 1.0,
         solver: str = DEFAULT_FLOW_SOLVER,
+        guidance_interval: Optional[Tuple[float, float]] = None,
     ) -> torch.Tensor:
         """N-step sampling (docs/method.md, "Sampling with N steps") from the noise `latents` (float32) to
         the final latents (float32), on the time grid and with the step rule of `diffusers_afm.flow`.
@@ -270,7 +275,7 @@ class AFMPipeline(DiffusionPipeline):
         if is_flow_model(self.transformer):
             velocity = guided_velocity(
                 lambda x, t, labels: self.transformer(x.to(dtype), t, labels).sample.float(),
-                class_ids, self.transformer.null_class_id, guidance_scale,
+                class_ids, self.transformer.null_class_id, guidance_scale, guidance_interval,
             )
             return solve_ode(
                 velocity, latents, num_inference_steps, solver,
@@ -325,9 +330,10 @@ class AFMPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ call
     def check_inputs(self, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
-                     solver=None, num_inference_steps=None):
+                     solver=None, num_inference_steps=None, guidance_interval=None):
         if is_flow_model(self.transformer):
             check_solver(solver, num_inference_steps)
+            check_guidance_interval(guidance_interval)
             if guidance_scale is not None:
                 if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
                     raise ValueError(f"`guidance_scale` must be a number >= 0 (1 = no guidance), got {guidance_scale!r}.")
@@ -346,8 +352,11 @@ class AFMPipeline(DiffusionPipeline):
             if solver is not None:
                 raise ValueError(
                     "`solver` is not an argument for AFM models: their step rule is fixed by their training. "
-                    "(Flow-matching models take 'euler' or 'heun'.)"
+                    "(Flow-matching models take 'euler', 'heun' or 'heun_final_euler'.)"
                 )
+            if guidance_interval is not None:
+                raise ValueError("`guidance_interval` is not an argument for AFM models: they have no classifier-free "
+                                 "guidance. (Flow-matching models take it.)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
@@ -374,6 +383,7 @@ class AFMPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
         guidance_scale: Optional[float] = None,
         solver: Optional[str] = None,
+        guidance_interval: Optional[Tuple[float, float]] = None,
     ) -> Union[ImagePipelineOutput, tuple]:
         r"""
         Generate `num_images_per_label` images per class label, or `batch_size` images from an
@@ -386,7 +396,8 @@ class AFMPipeline(DiffusionPipeline):
                 trained for (`transformer.config.nfe`, or 1 for an any-step model). For a flow-matching
                 model, the solver's steps over [1, 0] (default 50; Heun evaluates the model twice per step).
             generator (`torch.Generator` or a list, *optional*): makes sampling deterministic.
-            latents (`torch.Tensor`, *optional*): the initial noise, shape `(batch, C, H, W)`.
+            latents (`torch.Tensor`, *optional*): the initial noise, shape `(batch, C, H, W)`, used as given
+                (drawn noise is scaled by a model's `noise_scale`, given latents are not).
             output_type (`str`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`): return an `ImagePipelineOutput` rather than a tuple.
             batch_size (`int`, *optional*): images to draw from an unconditional model (`num_classes=1`);
@@ -405,21 +416,28 @@ class AFMPipeline(DiffusionPipeline):
                 scale w in `v_null + w (v_c - v_null)` (default 1: no guidance). AFM models have no
                 classifier-free guidance (a guided AFM model has the guidance trained in): any value
                 raises a `ValueError`.
-            solver (`str`, *optional*): flow-matching models only: `"euler"` (default) or `"heun"`.
+            solver (`str`, *optional*): flow-matching models only: `"euler"` (the default), `"heun"` (its
+                corrector at every step) or `"heun_final_euler"` (the last step Euler: JiT's sampler, the
+                default of a `JiTTransformer2DModel`).
+            guidance_interval (`Tuple[float, float]`, *optional*): flow-matching models only: guide only at
+                the flow times `t_low < t < t_high` (1 = noise; t = 1 included when `t_high` is 1), as
+                JiT's CFG interval does (its `--interval_min 0.1 --interval_max 1.0` is `(0.0, 0.9)`);
+                default: every step.
         """
         # 0. Check inputs before any work
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         flow_kwargs = {}
         if is_flow_model(self.transformer):  # the flow models' defaults, resolved before the checks
-            solver = DEFAULT_FLOW_SOLVER if solver is None else solver
+            solver = getattr(self.transformer, "default_solver", DEFAULT_FLOW_SOLVER) if solver is None else solver
             num_inference_steps = DEFAULT_FLOW_STEPS if num_inference_steps is None else num_inference_steps
         self.check_inputs(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
-                          solver, num_inference_steps)
+                          solver, num_inference_steps, guidance_interval)
         config = self.transformer.config
         trained_steps = allowed_num_inference_steps(config)
         if is_flow_model(self.transformer):
-            flow_kwargs = dict(guidance_scale=1.0 if guidance_scale is None else float(guidance_scale), solver=solver)
+            flow_kwargs = dict(guidance_scale=1.0 if guidance_scale is None else float(guidance_scale), solver=solver,
+                               guidance_interval=guidance_interval)
         if num_inference_steps is None:
             num_inference_steps = trained_steps or 1
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:

@@ -1,7 +1,10 @@
-"""The AFM training objective as small pure pieces, and the step that drives them (docs/method.md)."""
+"""The AFM training objective as small pure pieces, the steps that drive them (docs/method.md), and
+the machinery every trainer shares: settings objects, the loop's helpers, checkpoints, the command line."""
 
 from .augment import augment_pair, random_affine
-from .ema import ModelEMA, unwrap
+from .distributed import unwrap, without_ddp
+from .ema import ModelEMA
+from .flow_matching import FlowMatchingObjective, FlowMatchingTrainingStep
 from .grad_norm import GradientNormalization
 from .losses import (
     classifier_guidance_term,
@@ -12,17 +15,25 @@ from .losses import (
     relativistic_loss,
 )
 from . import recipe
+from .optimization import EMAConfig, OptimizerConfig, optimizer_update
 from .pairs import flow_weight, make_flow_pair, sample_timestep_pairs
+from .run import RunConfig
 from .schedules import constant, cosine, ema_warmup, linear, parse_schedule, sequence
 from .step import AFMObjective, AFMTrainingStep
-from ..utils import RunStopped
+from ..utils import RunStopped, SettingError
 
 __all__ = [
     "AFMObjective",
     "AFMTrainingStep",
+    "EMAConfig",
+    "FlowMatchingObjective",
+    "FlowMatchingTrainingStep",
     "GradientNormalization",
     "ModelEMA",
+    "OptimizerConfig",
+    "RunConfig",
     "RunStopped",
+    "SettingError",
     "augment_pair",
     "classifier_guidance_term",
     "constant",
@@ -33,6 +44,7 @@ __all__ = [
     "generator_loss",
     "linear",
     "make_flow_pair",
+    "optimizer_update",
     "ot_loss",
     "parse_schedule",
     "perturbed_batch_size",
@@ -42,4 +54,5 @@ __all__ = [
     "sample_timestep_pairs",
     "sequence",
     "unwrap",
+    "without_ddp",
 ]

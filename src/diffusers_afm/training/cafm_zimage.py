@@ -12,7 +12,7 @@ handling are `CAFMTrainingStep`'s; this step only speaks Z-Image:
 - the OT term averages per-sample means, as the reference does for its variable-size samples.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -44,7 +44,7 @@ class ZImageCAFMTrainingStep(CAFMTrainingStep):
     """
 
     def __init__(self, accelerator, generator, discriminator, optimizer_g, optimizer_d, objective: CAFMObjective,
-                 ema=None, ema_decay: float = 0.99, max_grad_norm_g: Optional[float] = None,
+                 ema=None, ema_decay: Union[float, Callable[[int], float]] = 0.99, max_grad_norm_g: Optional[float] = None,
                  max_grad_norm_d: Optional[float] = None, time_shift: float = ZIMAGE_TIME_SHIFT,
                  noise_generator: Optional[torch.Generator] = None):
         if time_shift <= 0:

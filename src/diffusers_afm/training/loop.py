@@ -1,13 +1,14 @@
-"""What every training loop of ours does around its step: the batches, the optimisers, the host-side logs.
+"""What every training loop of ours does around its step: the batches, the noise, the host-side logs.
 
-The generator trainer and the classifier trainer (`examples/`) both resume mid-epoch, draw every
-random number from one per-process noise generator, log once per optimiser step with a single
-device-to-host copy, and stop on a non-finite loss before anything is saved. Each of those is
-written here once.
+Each trainer (`examples/train_*.py`) owns its loop, and each thing that every loop does again is
+one call here: the batches from a step on (exact mid-epoch resume, `epoch_batches`), the run's
+per-process noise generator, the step's logs copied to the host once (stopping a diverged run,
+`host_values`) and the throughput (`Throughput`).
 """
 
 import math
-from typing import Dict, Iterable, Iterator
+import time
+from typing import Dict, Iterator
 
 import torch
 
@@ -23,13 +24,6 @@ def noise_generator(accelerator, seed: int) -> torch.Generator:
     """The per-process generator of every random draw of a run (pairs, noise, flips, augmentation):
     rank-distinct, and checkpointed by `CheckpointIO` so that a resumed run continues the stream."""
     return torch.Generator(accelerator.device).manual_seed(seed * 1000 + accelerator.process_index)
-
-
-def adamw(parameters: Iterable[torch.nn.Parameter], learning_rate: float, betas, eps: float,
-          weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel for all parameters) on CUDA."""
-    fused = {"fused": True} if torch.cuda.is_available() else {}
-    return torch.optim.AdamW(parameters, lr=learning_rate, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **fused)
 
 
 def epoch_batches(accelerator, dataloader, global_step: int, max_train_steps: int,
@@ -66,3 +60,28 @@ def host_values(logs: Dict[str, torch.Tensor], step: int, output_dir: str) -> Di
             f"Nothing was saved for this step; the last checkpoint is {kept[-1] if kept else 'none'}."
         )
     return values
+
+
+def steps_from_epochs(num_train_epochs: int, num_batches: int, num_processes: int, gradient_accumulation_steps: int) -> int:
+    """`--num_train_epochs` as optimizer steps (diffusers' trainers' rule): the loader's batches are
+    split over the processes, and `gradient_accumulation_steps` of them make one step."""
+    batches = math.ceil(num_batches / num_processes)
+    return num_train_epochs * math.ceil(batches / gradient_accumulation_steps)
+
+
+class Throughput:
+    """Images per second over all processes, between two logged optimizer steps."""
+
+    def __init__(self, num_processes: int):
+        self.num_processes, self.images, self.since = num_processes, 0, time.perf_counter()
+
+    def add(self, num_images: int) -> None:
+        """Count one micro-batch of this process."""
+        self.images += num_images
+
+    def rate(self) -> float:
+        """The rate since the last call (or the start), and start counting again."""
+        now = time.perf_counter()
+        rate = self.images * self.num_processes / max(now - self.since, 1e-9)
+        self.images, self.since = 0, now
+        return rate

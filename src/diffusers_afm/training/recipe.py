@@ -17,7 +17,14 @@ once with `check_recipe`; `AFMObjective`, the converter and the toy experiments 
 | generator lr | lr | lr | lr / R |
 """
 
+import difflib
+import json
+import os
+import re
 from typing import Dict, Optional
+
+from ..models.transformer_afm import AFM_PRESETS
+from ..utils import SettingError
 
 # The objective and optimiser values that do not depend on the step count (docs/method.md).
 PAPER_OBJECTIVE = dict(gp_scale=0.25, gp_eps=0.01, gp_batch_ratio=0.25, cp_scale=0.01, ot_scale_end=0.005,
@@ -85,25 +92,21 @@ def recipe_defaults(nfe: Optional[int], depth_repeat: int = 1, guided: bool = Fa
 
 
 def check_recipe(nfe: Optional[int], prediction: str, depth_repeat: int = 1, cg_scale_value: float = 0.0,
-                 guided: bool = False, prefix: str = "") -> None:
-    """Reject the combinations the method does not define; the message names the setting (with
-    `prefix`, e.g. `"--"` for a command line) and what is allowed."""
-
-    def fail(name, value, allowed):
-        raise ValueError(f"`{prefix}{name}` got {value!r}; allowed: {allowed}.")
-
+                 guided: bool = False) -> None:
+    """Reject the combinations the method does not define: a `SettingError` naming the setting
+    (`nfe`, `depth_repeat`, `prediction_type`, `cg_scale`) and what is allowed."""
     if nfe is not None and (not isinstance(nfe, int) or nfe < 1):
-        fail("nfe", nfe, "a positive integer, or any-step")
+        raise SettingError("nfe", nfe, "a positive integer, or any-step")
     if not isinstance(depth_repeat, int) or depth_repeat < 1:
-        fail("depth_repeat", depth_repeat, "an integer >= 1")
+        raise SettingError("depth_repeat", depth_repeat, "an integer >= 1")
     if depth_repeat > 1 and is_multi_step(nfe):
-        fail("depth_repeat", depth_repeat, "1 unless nfe is 1 (deep models are 1-NFE)")
+        raise SettingError("depth_repeat", depth_repeat, "1 unless nfe is 1 (deep models are 1-NFE)")
     if prediction not in ("sample", "velocity"):
-        fail("prediction_type", prediction, "'sample' or 'velocity'")
+        raise SettingError("prediction_type", prediction, "'sample' or 'velocity'")
     if prediction == "sample" and is_multi_step(nfe):
-        fail("prediction_type", prediction, "'velocity' for multi-step and any-step models")
+        raise SettingError("prediction_type", prediction, "'velocity' for multi-step and any-step models")
     if cg_scale_value > 0 and not guided:
-        fail("cg_scale", cg_scale_value, "0 unless a classifier is given")
+        raise SettingError("cg_scale", cg_scale_value, "0 unless a classifier is given")
 
 
 # ----------------------------------------------------------------------------- small data sets
@@ -117,6 +120,8 @@ TINY_DATA_MAX_IMAGES = 10_000
 TINY_TRUNK = dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, mlp_ratio=4.0)
 # Width 384, 12 blocks (S/2's trunk): a GPU model for tens of thousands of images.
 SMALL_TRUNK = dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, mlp_ratio=4.0)
+# The embedded digits' model (8x8 grey images): the tiny trunk on 2x2 patches (`trunk_config`'s name).
+DIGITS_MODEL = "T/2"
 SMALL_DATA_RESOLUTION = 32
 SMALL_DATA_PIXEL_MAX_RESOLUTION = 64  # above this a VAE is worth its cost (8x fewer positions)
 
@@ -136,7 +141,8 @@ def small_data_patch_size(side: int) -> int:
 def small_data_recipe(num_images: Optional[int], side: int) -> Dict:
     """The trunk and schedule for `num_images` training images whose model input is `side` a side.
 
-    Returns `{"trunk": {...}, "defaults": {...}}`, the defaults keyed by the trainer's flag names.
+    Returns `{"trunk": {...}, "model_config": name, "defaults": {...}}`: the trunk, its name for
+    `trunk_config` (`"T/4"`, `"S/8"`, ...), and the defaults keyed by the trainer's flag names.
     Up to TINY_DATA_MAX_IMAGES images (or an unknown count below SMALL_DATA_MAX_IMAGES that the caller
     vouches for): the tiny trunk, 1,500 iterations at lr 3e-4 (the digits' schedule); more: the S/2
     trunk, 20,000 iterations at lr 1e-4. Both keep the paper's objective but end the OT decay at
@@ -144,7 +150,8 @@ def small_data_recipe(num_images: Optional[int], side: int) -> Dict:
     """
     tiny = num_images is not None and num_images <= TINY_DATA_MAX_IMAGES
     steps = 1500 if tiny else 20_000
-    trunk = dict(TINY_TRUNK if tiny else SMALL_TRUNK, patch_size=small_data_patch_size(side))
+    patch_size = small_data_patch_size(side)
+    trunk = dict(TINY_TRUNK if tiny else SMALL_TRUNK, patch_size=patch_size)
     defaults = dict(
         train_batch_size=64,
         max_train_steps=steps,
@@ -156,4 +163,83 @@ def small_data_recipe(num_images: Optional[int], side: int) -> Dict:
         checkpointing_steps=500 if tiny else 2000,
         validation_steps=500 if tiny else 2000,
     )
-    return {"trunk": trunk, "defaults": defaults}
+    return {"trunk": trunk, "model_config": f"{'T' if tiny else 'S'}/{patch_size}", "defaults": defaults}
+
+
+def data_defaults(kind: str, digits: Dict, paper: Dict, *, dataset_name: Optional[str], train_data_dir: Optional[str],
+                  latent_cache: Optional[str], max_train_samples: Optional[int], resolution: Optional[int],
+                  vae: Optional[str], num_train_epochs: Optional[int], default_vae: str,
+                  small_schedule: Optional[Dict] = None) -> Dict:
+    """A trainer's defaults for the flags a user left unset, keyed by flag name, for the `--defaults`
+    `kind` that `data.choose_defaults` picked: `digits` or `paper` (the trainer's own dicts), or
+    `small`: the data-sized model (`model_config`), resolution, VAE and schedule of
+    `small_data_recipe` (its schedule replaced by `small_schedule` when given), with flips on.
+
+    A latent cache's VAE and resolution win over all of them (the cache was written with them);
+    with `num_train_epochs`, `max_train_steps` is left to the data's length.
+    """
+    from ..data.latent_cache import read_cache_info
+    from ..data.planning import count_training_images, small_data_input
+
+    if kind == "digits":
+        defaults = dict(digits)
+    elif kind == "paper":
+        defaults = dict(paper)
+    else:
+        count = count_training_images(dataset_name, train_data_dir, latent_cache, max_train_samples)
+        planned = small_data_input(resolution, vae, latent_cache, SMALL_DATA_RESOLUTION, SMALL_DATA_PIXEL_MAX_RESOLUTION,
+                                   default_vae)
+        small = small_data_recipe(count, planned.side)
+        schedule = small["defaults"] if small_schedule is None else small_schedule
+        defaults = dict(schedule, model_config=small["model_config"], resolution=planned.resolution, vae=planned.vae,
+                        random_flip=True)
+    info = read_cache_info(latent_cache) if latent_cache is not None else None
+    if info is not None:
+        defaults.update(vae=info["vae"], resolution=info["resolution"])
+    if num_train_epochs is not None:
+        defaults.pop("max_train_steps", None)
+    return defaults
+
+
+# ----------------------------------------------------------------------------- trunks
+# The keys of a trunk: what a size name or a model JSON file (`--model_config FILE`) sets; the data
+# and the method's settings decide the rest of a model's config.
+TRUNK_KEYS = ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim", "mlp_ratio")
+
+
+def trunk_config(spec: str, name: str = "model_config") -> Dict:
+    """A trunk from a size name or a JSON file of `TRUNK_KEYS`.
+
+    A size name is DiT's `<size>/<patch size>`: `T` (the tiny trunk of the digits and small data
+    sets), `S`, `B`, `M`, `L` or `XL` (`models.AFM_PRESETS`, the paper's sizes), with any patch size:
+    `"XL/2"`, `"B/4"`, `"T/2"`. A file's keys are checked: a typo (`"num_layer"`) is a `SettingError`
+    naming the setting `name`, not a silent default; keys a file leaves out take the model class's
+    defaults.
+    """
+    sizes = trunk_sizes()
+    match = re.fullmatch(r"([A-Z]+)/([1-9][0-9]*)", spec or "")
+    if match and match.group(1) in sizes:
+        return dict(sizes[match.group(1)], patch_size=int(match.group(2)))
+    if spec is None or not os.path.isfile(spec):
+        names = ", ".join(f"{size}/2" for size in sizes)
+        raise SettingError(name, spec, f"a size ({names}, or another patch size: B/4) or a JSON file")
+    try:
+        with open(spec) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise SettingError(name, spec, f"a valid JSON file ({err})") from None
+    if not isinstance(config, dict):
+        raise SettingError(name, spec, "a JSON file holding one object of trunk keys")
+    for key in config:
+        if key not in TRUNK_KEYS and not key.startswith("_"):
+            close = difflib.get_close_matches(key, TRUNK_KEYS, n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise SettingError(name, spec, f"a JSON file of the keys {', '.join(TRUNK_KEYS)} (the data and the other "
+                                           f"settings decide the rest); it has the unknown key {key!r}.{hint}")
+    return {k: v for k, v in config.items() if k in TRUNK_KEYS}
+
+
+def trunk_sizes() -> Dict[str, Dict]:
+    """The named trunks without their patch size: `T` (ours) and the paper's (`AFM_PRESETS`)."""
+    paper = {name.split("/")[0]: dict(trunk) for name, trunk in AFM_PRESETS.items()}
+    return {"T": {k: v for k, v in TINY_TRUNK.items()}, **paper}

@@ -11,19 +11,23 @@ example trainer, the toy experiments and the tests all call it. It is written fo
 - no value is moved to the host: the returned logs are tensors, read only when the caller logs.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
 import torch
 
 from .. import flow
 from . import recipe
+from ..models.modules import output_sample
+from ..utils import check_setting
 from .augment import augment_pair
+from .distributed import without_ddp
 from .ema import ModelEMA
 from .grad_norm import GradientNormalization
 from .losses import classifier_guidance_term, discriminator_loss, generator_loss, perturbed_batch_size
+from .optimization import optimizer_update
 from .pairs import flow_weight, make_flow_pair, sample_timestep_pairs
-from .schedules import constant
+from .schedules import constant, cosine
 
 Schedule = Callable[[int], float]
 
@@ -32,13 +36,17 @@ Schedule = Callable[[int], float]
 class AFMObjective:
     """Every setting of the AFM objective; the defaults are the paper's for 1-NFE XL/2 (docs/method.md).
 
-    Schedules are functions of the training step counted as in the paper: D and G steps together,
-    so one `AFMTrainingStep` call advances them by 2.
+    It owns every value rule of its settings (field names are the trainer's flags; a bad value is a
+    `SettingError` naming the field). Schedules are functions of the training step counted as in
+    the paper: D and G steps together, so one `AFMTrainingStep` call advances them by 2.
+    `ot_scale` and `augment_p` take a number or a schedule (`training.schedules`); a number
+    `ot_scale` with `ot_scale_end` decays along a cosine to it over `ot_decay_steps` (the paper's
+    0.2 -> 0.005 over 1M steps).
     """
 
     nfe: Optional[int] = 1  # 1, K, or None for any-step
     prediction_type: str = "sample"
-    ot_scale: Schedule = field(default_factory=lambda: constant(0.2))
+    ot_scale: Union[float, Schedule] = 0.2
     gp_scale: float = 0.25
     gp_eps: float = 0.01
     gp_batch_ratio: float = 0.25
@@ -46,47 +54,45 @@ class AFMObjective:
     # Under mixed precision, run the R1/R2 samples and their partners in fp32/TF32 (docs/method.md,
     # "Precision"); False gives bf16's rounding-inflated penalty, for comparison only.
     gp_full_precision: bool = True
-    augment_p: Schedule = field(default_factory=lambda: constant(0.0))
+    augment_p: Union[float, Schedule] = 0.0
     cg_scale: float = 0.0
     # 1 NFE: the fake is re-noised to u ~ U(0, cg_max_time); multi-step: scored at t where t <= cg_max_time
     # (`classifier_guidance_term`).
     cg_max_time: Optional[float] = None
+    ot_scale_end: Optional[float] = None
+    ot_decay_steps: Optional[int] = None
 
     def __post_init__(self):
         for name in ("gp_scale", "cp_scale", "cg_scale"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        if self.gp_eps <= 0:
-            raise ValueError(f"`gp_eps` must be > 0, got {self.gp_eps}.")
-        if not 0.0 <= self.gp_batch_ratio <= 1.0:
-            raise ValueError(f"`gp_batch_ratio` must be in [0, 1], got {self.gp_batch_ratio}.")
-        if self.prediction_type not in flow.PREDICTION_TYPES:
-            raise ValueError(f"`prediction_type` must be one of {flow.PREDICTION_TYPES}, got {self.prediction_type!r}.")
+            check_setting(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
+        check_setting(self.gp_eps > 0, "gp_eps", self.gp_eps, "a number > 0")
+        check_setting(0.0 <= self.gp_batch_ratio <= 1.0, "gp_batch_ratio", self.gp_batch_ratio, "a number in [0, 1]")
+        check_setting(self.prediction_type in flow.PREDICTION_TYPES, "prediction_type", self.prediction_type,
+                      " or ".join(repr(p) for p in flow.PREDICTION_TYPES))
+        if not callable(self.augment_p):
+            check_setting(0 <= self.augment_p <= 1, "augment_p", self.augment_p, "a number in [0, 1]")
+        if not callable(self.ot_scale):
+            check_setting(self.ot_scale >= 0, "ot_scale", self.ot_scale, "a number >= 0")
+        if self.ot_scale_end is not None:
+            check_setting(not callable(self.ot_scale), "ot_scale", self.ot_scale, "a number when ot_scale_end is given")
+            check_setting(self.ot_scale_end >= 0, "ot_scale_end", self.ot_scale_end, "a number >= 0")
+            check_setting(isinstance(self.ot_decay_steps, int) and self.ot_decay_steps >= 1, "ot_decay_steps",
+                          self.ot_decay_steps, "an integer >= 1")
         if self.cg_max_time is None:
             self.cg_max_time = recipe.cg_max_time(self.nfe)
+        check_setting(0 < self.cg_max_time <= 1, "cg_max_time", self.cg_max_time, "a number in (0, 1]")
 
+    def ot_scale_at(self, step: int) -> float:
+        """The OT weight at D+G step `step`."""
+        if callable(self.ot_scale):
+            return self.ot_scale(step)
+        if self.ot_scale_end is None:
+            return float(self.ot_scale)
+        return cosine(self.ot_scale, self.ot_scale_end, self.ot_decay_steps)(step)
 
-def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper, for calls whose parameters take no gradient (nothing to
-    synchronise); any other model as it is. An FSDP module must be called as it is: its forward
-    gathers the sharded parameters (FSDP2's `fully_shard` module has no wrapper at all)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def optimizer_update(accelerator, model, optimizer, max_grad_norm: Optional[float], logs: Dict[str, torch.Tensor],
-                     name: str) -> None:
-    """After the backward: clip `model`'s gradients (when they are synchronised and `max_grad_norm`
-    is set; the norm goes into `logs[name]`), step the optimizer and free the gradients. Every
-    network update of the AFM and CAFM steps goes through here."""
-    if accelerator.sync_gradients and max_grad_norm:
-        logs[name] = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _sample(output) -> torch.Tensor:
-    """Our transformer returns an output object; toy MLPs return a tensor."""
-    return output.sample if hasattr(output, "sample") else output
+    def augment_p_at(self, step: int) -> float:
+        """The discriminator augmentation's probability at D+G step `step`."""
+        return self.augment_p(step) if callable(self.augment_p) else float(self.augment_p)
 
 
 class AFMTrainingStep:
@@ -155,7 +161,7 @@ class AFMTrainingStep:
 
     def _generate(self, model, x_s, class_labels, s, t) -> torch.Tensor:
         with self.accelerator.autocast():
-            output = _sample(model(x_s, class_labels, s, t))
+            output = output_sample(model(x_s, class_labels, s, t))
         return flow.generator_step(output.float(), x_s, s, t, self.objective.prediction_type)
 
     # ---------------------------------------------------------------- D step
@@ -189,7 +195,7 @@ class AFMTrainingStep:
             s, t, x_s, real = self._draw_pair(x0)
             # The generator's forward skips DDP's wrapper here: nothing flows back to it.
             fake = self._generate(without_ddp(self.generator), x_s, class_labels, s, t)
-        real, fake = augment_pair(real, fake, obj.augment_p(step), generator=self.rng)
+        real, fake = augment_pair(real, fake, obj.augment_p_at(step), generator=self.rng)
 
         n = perturbed_batch_size(batch_size, obj.gp_batch_ratio)
         logits_real, logits_fake, logits_real_perturbed, logits_fake_perturbed = self.discriminator_logits(
@@ -217,13 +223,13 @@ class AFMTrainingStep:
         critic = without_ddp(self.discriminator).requires_grad_(False)
         try:
             fake_for_critic = self.grad_norm(fake) if self.grad_norm is not None else fake
-            real, fake_for_critic = augment_pair(real, fake_for_critic, obj.augment_p(step), generator=self.rng)
+            real, fake_for_critic = augment_pair(real, fake_for_critic, obj.augment_p_at(step), generator=self.rng)
             with self.accelerator.autocast():
                 logits = critic(
                     torch.cat([fake_for_critic, real]), torch.cat([class_labels, class_labels]), torch.cat([t, t])
                 ).float()
             logits_fake, logits_real = logits.split([batch_size, batch_size])
-            ot_scale = obj.ot_scale(step)
+            ot_scale = obj.ot_scale_at(step)
             loss, logs = generator_loss(logits_fake, logits_real, fake, x_s, flow_weight(s, t), ot_scale)
             if obj.cg_scale > 0:
                 with self.accelerator.autocast():
