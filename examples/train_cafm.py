@@ -8,8 +8,13 @@
     accelerate launch examples/train_cafm.py --config examples/configs/cafm/sit_xl2.json \
         --pretrained_model_name_or_path sit-xl2 --train_data_dir imagenet/train --mixed_precision bf16
 
+    # JiT-H/16 in pixel space (afm-convert --format jit ... --output_dir jit-h16), the reference recipe
+    accelerate launch examples/train_cafm.py --config examples/configs/cafm/jit_h16.json \
+        --pretrained_model_name_or_path jit-h16 --train_data_dir imagenet/train --mixed_precision bf16
+
 The discriminator is the generator's trunk with RMSNorm blocks, a learnable token and a bias-free
-head, initialised from the generator (docs/method.md, "Continuous AFM"); it is judged by its
+head (for JiT: its first in-context token and a linear head), initialised from the generator
+(docs/method.md, "Continuous AFM"; docs/cafm.md, "JiT"); it is judged by its
 directional derivative along `(v, 1)`. Every iteration is ONE step, a D step or a G step: the first
 `--warmup_steps` are D steps, then N of every N + 1 (`--num_discriminator_steps`). `--max_train_steps`,
 `--checkpointing_steps`, `--validation_steps` and the lr schedules count those iterations, as the
@@ -26,7 +31,13 @@ import torch
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from diffusers_afm import AdversarialFlowDiscriminator, AFMPipeline, FlowMatchingTransformer2DModel
+from diffusers_afm import (
+    AdversarialFlowDiscriminator,
+    AdversarialFlowJiTDiscriminator,
+    AFMPipeline,
+    FlowMatchingTransformer2DModel,
+    JiTTransformer2DModel,
+)
 from diffusers_afm.data import DATA_FLAGS, DEFAULT_VAE, check_model_input, choose_defaults, load_training_data, planned_model_inputs
 from diffusers_afm.flow import SOLVERS
 from diffusers_afm.hub import (
@@ -47,7 +58,12 @@ from diffusers_afm.utils import SettingError, check_setting, save_image, setting
 
 logger = get_logger(__name__)
 
-FLOW_MODEL = "FlowMatchingTransformer2DModel"
+# The flow models CAFM post-trains, and how each one's discriminator starts from it: SiT's layout
+# (trunk with RMSNorm, token head; docs/cafm.md) or JiT's (the first in-context token; "JiT").
+DISCRIMINATORS = {
+    "FlowMatchingTransformer2DModel": (FlowMatchingTransformer2DModel, AdversarialFlowDiscriminator, "for_flow_model"),
+    "JiTTransformer2DModel": (JiTTransformer2DModel, AdversarialFlowJiTDiscriminator, "for_transformer"),
+}
 # What a Hub id's download holds: the configs and safetensors weights, never code or pickles.
 PRETRAINED_FILES = ("*.json", "transformer/*", "vae/*", "*.safetensors", "README.md")
 # The reference's SiT-XL/2 recipe (configs/train/cafm/train_cafm_sit.yaml; docs/method.md).
@@ -79,8 +95,8 @@ def build_parser() -> cli.TrainingArgumentParser:
     p.add_argument("--class_dropout_prob", type=float, default=None,
                    help="Probability of the null class for both networks (default: the model's, 0.1 for SiT).")
     p.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Recompute the generator's activations in the backward pass: less memory, more time "
-                        "(not the discriminator's: checkpointing does not compose with its JVP).")
+                   help="Recompute activations in the backward pass: less memory, more time. Both networks for JiT; "
+                        "the generator only for SiT's layout, whose discriminator JVP does not compose with it.")
     cli.add_optimizer_arguments(p, beta1=0.0, beta2=0.95, weight_decay=0.0, max_grad_norm=10_000.0,
                                 networks=" of both networks", learning_rate_help="The generator's AdamW lr (1e-5; digits 1e-4).",
                                 max_grad_norm_help="Gradient clipping of both (the reference's 10000).")
@@ -110,11 +126,12 @@ def read_flow_config(path: str) -> dict:
                            "a local flow-model folder (with transformer/config.json or config.json)")
     with open(config_file, encoding="utf-8") as f:
         config = json.load(f)
-    if config.get("_class_name") != FLOW_MODEL:
+    if config.get("_class_name") not in DISCRIMINATORS:
         raise SettingError(
             "pretrained_model_name_or_path", path,
-            f"a flow-matching model ({FLOW_MODEL}); it holds a {config.get('_class_name')!r}. CAFM post-trains velocity "
-            "models: train one with examples/train_flow_matching.py or convert a SiT with `afm-convert --format sit`",
+            f"a flow-matching model ({' or '.join(DISCRIMINATORS)}); it holds a {config.get('_class_name')!r}. CAFM "
+            "post-trains velocity models: train one with examples/train_flow_matching.py or convert a SiT or JiT "
+            "with `afm-convert --format sit` / `--format jit`",
         )
     return config
 
@@ -174,20 +191,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> dict:
     config = read_flow_config(pretrained_folder(args.pretrained_model_name_or_path))
-    summary = {"generator": {"class": FLOW_MODEL, "config": {k: v for k, v in config.items() if not k.startswith("_")}}}
+    summary = {"generator": {"class": config["_class_name"], "config": {k: v for k, v in config.items() if not k.startswith("_")}}}
     return {**build_parser().settings(vars(args)), "_model": summary}
 
 
 def build_models(args):
-    generator = FlowMatchingTransformer2DModel.from_pretrained(transformer_folder(pretrained_folder(args.pretrained_model_name_or_path)))
+    folder = transformer_folder(pretrained_folder(args.pretrained_model_name_or_path))
+    generator_class, discriminator_class, initialise = DISCRIMINATORS[read_flow_config(folder)["_class_name"]]
+    generator = generator_class.from_pretrained(folder)
     if args.discriminator is None:
-        return generator, AdversarialFlowDiscriminator.for_flow_model(generator)
-    discriminator = AdversarialFlowDiscriminator.from_pretrained(args.discriminator)
+        return generator, getattr(discriminator_class, initialise)(generator)
+    discriminator = discriminator_class.from_pretrained(args.discriminator)
     for key in ("sample_size", "in_channels", "num_classes", "patch_size"):
         if discriminator.config[key] != generator.config[key]:
             raise ValueError(f"`--discriminator` {args.discriminator} has {key}={discriminator.config[key]}, the "
                              f"generator {key}={generator.config[key]}.")
-    if not discriminator.config.use_timestep:
+    if not getattr(discriminator.config, "use_timestep", True):
         raise ValueError(f"`--discriminator` {args.discriminator} has no time input (use_timestep=False): it is an AFM "
                          "discriminator, not a Continuous-AFM one.")
     return generator, discriminator
@@ -227,9 +246,11 @@ def train(args: argparse.Namespace) -> str:
     generator, discriminator = build_models(args)
     data.check_fits(generator, f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path}")
     if args.gradient_checkpointing:
-        # The generator only: checkpointing does not compose with the discriminator's JVP (docs/cafm.md).
         generator.enable_gradient_checkpointing()
-        logger.info("--gradient_checkpointing: on for the generator; the discriminator's JVP runs without it")
+        if isinstance(discriminator, AdversarialFlowJiTDiscriminator):  # its JVP is taken block by block
+            discriminator.enable_gradient_checkpointing()
+        else:  # the SiT-layout JVP is one transform over the whole model: checkpointing does not compose with it
+            logger.info("--gradient_checkpointing: on for the generator; the discriminator's JVP runs without it")
     logger.info(f"generator {generator.num_parameters() / 1e6:.2f}M, discriminator {discriminator.num_parameters() / 1e6:.2f}M parameters")
 
     # 4. Optimisers and schedules (both count iterations, D and G steps alike), prepared; EMA; the step
@@ -296,14 +317,13 @@ def train(args: argparse.Namespace) -> str:
     if accelerator.is_main_process:
         ema_model = ema.full_model()
         pretrained = args.pretrained_model_name_or_path
-        trunk = {key: ema_model.config[key] for key in recipe.TRUNK_KEYS}
         save_pipeline_folder(
             args.output_dir, AFMPipeline(transformer=ema_model, vae=data.vae, id2label=data.id2label),
             sample_grid=sample_grid(args, ema_model, data), discriminator=accelerator.unwrap_model(discriminator),
             standalone=args.standalone_hub_files, repo_id=args.hub_model_id,
             base_model=None if os.path.isdir(pretrained) else pretrained,
             dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits",
-            training_settings={**settings(args), "model_config": trunk}, cafm=True,
+            training_settings=settings(args), cafm=True,
             description=f"These are the EMA weights after {global_step} iterations.",
         )
         logger.info(f"Saved the CAFM post-trained AFMPipeline to {args.output_dir}")

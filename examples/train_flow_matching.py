@@ -17,13 +17,14 @@ an `AFMPipeline` folder (EMA weights) that samples with `solver=` and `guidance_
 """
 
 import argparse
+import json
 import os
 
 import torch
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from diffusers_afm import AFMPipeline, FlowMatchingTransformer2DModel
+from diffusers_afm import AFMPipeline, FlowMatchingTransformer2DModel, JiTTransformer2DModel
 from diffusers_afm.data import DATA_FLAGS, DEFAULT_VAE, check_model_input, choose_defaults, load_training_data, planned_model_inputs
 from diffusers_afm.flow import SOLVERS
 from diffusers_afm.hub import check_push_to_hub, create_hub_repo, default_hub_model_id, save_pipeline_folder, upload_output
@@ -41,7 +42,7 @@ from diffusers_afm.training import (
 from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
 from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator, steps_from_epochs
 from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image
-from diffusers_afm.utils import check_setting, save_image, settings_from_flags
+from diffusers_afm.utils import SettingError, check_setting, save_image, settings_from_flags
 
 logger = get_logger(__name__)
 
@@ -63,7 +64,9 @@ def build_parser() -> cli.TrainingArgumentParser:
     cli.add_data_arguments(p, default_vae=DEFAULT_VAE, small_data_max_images=recipe.SMALL_DATA_MAX_IMAGES,
                            pixel_max_resolution=recipe.SMALL_DATA_PIXEL_MAX_RESOLUTION)
     p.add_argument("--model_config", default=None,
-                   help="A size (T/2, S/2, B/2, ...; another patch size: B/4) or a JSON config file. Default: XL/2 "
+                   help="A size (T/2, S/2, B/2, ...; another patch size: B/4) or a JSON config file of the trunk; or a "
+                        "JiT model: a JiT size (JiT-B/16, ..., JiT-H/32) or a JSON config with \"_class_name\": "
+                        "\"JiTTransformer2DModel\" (pixel space, x-prediction; docs/cafm.md, 'JiT'). Default: XL/2 "
                         "(SiT-XL/2); the digits and --defaults small: a model sized to the data (--dry_run prints it).")
     p.add_argument("--init_from", "--pretrained_model_name_or_path", dest="init_from", default=None,
                    help="Continue from a flow-model folder (an AFMPipeline folder with a FlowMatchingTransformer2DModel).")
@@ -101,13 +104,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             settings_from_flags(settings_class, vars(args))
         check_setting(args.class_dropout_prob > 0 or args.validation_guidance_scale == 1, "validation_guidance_scale",
                       args.validation_guidance_scale, "1 (no guidance) for a model without a null class (--class_dropout_prob 0)")
-        patch_size = recipe.trunk_config(args.model_config)["patch_size"]
+        patch_size = recipe.model_patch_size(args.model_config)
         check_push_to_hub(args.push_to_hub and not args.dry_run)
         if not args.dry_run:
             if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
                 raise cli.flag_error("train_data_dir", args.train_data_dir, "an existing folder of images")
-            if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, "transformer", "config.json")):
-                raise cli.flag_error("init_from", args.init_from, "a flow-model pipeline folder (it has no transformer/config.json)")
+            if args.init_from is not None:
+                flow_model_class(os.path.join(args.init_from, "transformer"), "init_from")
             check_model_input(args.vae, args.resolution, args.latent_cache, patch_size)
             check_resume_flag(args.resume_from_checkpoint)
     return args
@@ -124,10 +127,29 @@ def settings(args: argparse.Namespace) -> dict:
     return {**build_parser().settings(vars(args)), "_model": summary}
 
 
-def build_flow_model(args, sample_size: int, in_channels: int, num_classes: int) -> FlowMatchingTransformer2DModel:
-    return FlowMatchingTransformer2DModel(**recipe.trunk_config(args.model_config), sample_size=sample_size,
-                                          in_channels=in_channels, num_classes=num_classes,
-                                          class_dropout_prob=args.class_dropout_prob)
+FLOW_MODELS = {cls.__name__: cls for cls in (FlowMatchingTransformer2DModel, JiTTransformer2DModel)}
+
+
+def flow_model_class(folder: str, flag: str):
+    """The flow-model class of a saved model folder (its config's `_class_name`), checked before loading."""
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise SettingError(flag, os.path.dirname(folder), "a flow-model pipeline folder (it has no transformer/config.json)")
+    with open(config_file, encoding="utf-8") as f:
+        name = json.load(f).get("_class_name")
+    if name not in FLOW_MODELS:
+        raise SettingError(flag, os.path.dirname(folder), f"a flow model ({' or '.join(FLOW_MODELS)}); it holds a {name!r}")
+    return FLOW_MODELS[name]
+
+
+def build_flow_model(args, sample_size: int, in_channels: int, num_classes: int):
+    """A `FlowMatchingTransformer2DModel` (SiT's architecture) or, for a JiT `--model_config`, a
+    `JiTTransformer2DModel`; the data decides its input and classes."""
+    data = dict(sample_size=sample_size, in_channels=in_channels, num_classes=num_classes,
+                class_dropout_prob=args.class_dropout_prob)
+    if recipe.is_jit_model(args.model_config):
+        return JiTTransformer2DModel(**recipe.jit_model_config(args.model_config), **data)
+    return FlowMatchingTransformer2DModel(**recipe.trunk_config(args.model_config), **data)
 
 
 def sample_grid(args, model, data):
@@ -163,7 +185,8 @@ def train(args: argparse.Namespace) -> str:
     # 3. The model (or the one to continue from), its optimizer, EMA and step
     model = build_flow_model(args, data.sample_size, data.in_channels, data.num_classes)
     if args.init_from is not None:
-        model = FlowMatchingTransformer2DModel.from_pretrained(os.path.join(args.init_from, "transformer"))
+        model = flow_model_class(os.path.join(args.init_from, "transformer"), "init_from").from_pretrained(
+            os.path.join(args.init_from, "transformer"))
         data.check_fits(model, f"`--init_from` {args.init_from}")
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -218,7 +241,11 @@ def train(args: argparse.Namespace) -> str:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ema_model = ema.full_model()
-        trunk = {key: ema_model.config[key] for key in recipe.TRUNK_KEYS}
+        # The card records the model itself, not the name or JSON file it came from.
+        if isinstance(ema_model, JiTTransformer2DModel):
+            trunk = {k: v for k, v in ema_model.config.items() if not k.startswith("_") and k not in recipe.JIT_DATA_KEYS}
+        else:
+            trunk = {key: ema_model.config[key] for key in recipe.TRUNK_KEYS}
         save_pipeline_folder(
             args.output_dir, AFMPipeline(transformer=ema_model, vae=data.vae, id2label=data.id2label),
             sample_grid=sample_grid(args, ema_model, data), standalone=args.standalone_hub_files, repo_id=args.hub_model_id,

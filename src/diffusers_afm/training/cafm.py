@@ -26,7 +26,7 @@ from ..models.modules import output_sample
 from ..utils import check_setting
 from .distributed import without_ddp
 from .ema import ModelEMA
-from .flow_matching import FlowMatchingObjective, drop_class_labels, sample_times
+from .flow_matching import FlowMatchingObjective, drop_class_labels, noise_scale, sample_times
 from .optimization import optimizer_update
 from .schedules import constant
 
@@ -138,6 +138,7 @@ class CAFMTrainingStep:
         self.max_grad_norm_g, self.max_grad_norm_d = max_grad_norm_g, max_grad_norm_d
         self.null_class_id = null_class_id
         self.rng = noise_generator
+        self.noise_scale = noise_scale(generator)
 
     def is_discriminator_step(self, step: int) -> bool:
         return is_discriminator_step(step, self.objective.warmup, self.objective.num_discriminator_steps)
@@ -147,7 +148,7 @@ class CAFMTrainingStep:
         reference's order: dropped labels, times, noise."""
         labels = drop_class_labels(class_labels, self.null_class_id, self.objective.class_dropout_prob, self.rng)
         t = sample_times(x0.shape[0], self.objective.time_sampling, x0.device, self.rng)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self.rng)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self.rng) * self.noise_scale
         return labels, noise, t
 
     def __call__(self, x0: torch.Tensor, class_labels: torch.LongTensor, step: int) -> Dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 from ..flow import interpolate
 from ..models.modules import output_sample
 from ..utils import check_setting
+from .distributed import unwrap
 from .ema import ModelEMA
 from .optimization import optimizer_update
 from .schedules import constant
@@ -40,6 +41,13 @@ def drop_class_labels(class_labels: torch.LongTensor, null_class_id: Optional[in
         return class_labels
     keep = torch.rand(class_labels.shape[0], device=class_labels.device, generator=generator) >= probability
     return torch.where(keep, class_labels, torch.full_like(class_labels, null_class_id))
+
+
+def noise_scale(model: torch.nn.Module) -> float:
+    """The scale of the noise `z` a model's flow ends in: its config's `noise_scale` (JiT doubles the
+    noise at 512 px), else 1. The pipeline draws its starting noise the same way."""
+    config = getattr(unwrap(model), "config", None)
+    return float(getattr(config, "noise_scale", 1.0) or 1.0)
 
 
 def flow_matching_loss(velocity_pred: torch.Tensor, velocity_real: torch.Tensor) -> torch.Tensor:
@@ -90,12 +98,13 @@ class FlowMatchingTrainingStep:
         self.max_grad_norm = max_grad_norm
         self.null_class_id = null_class_id
         self.rng = noise_generator
+        self.noise_scale = noise_scale(model)
 
     def __call__(self, x0: torch.Tensor, class_labels: torch.LongTensor, step: int) -> Dict[str, torch.Tensor]:
         objective = self.objective
         labels = drop_class_labels(class_labels, self.null_class_id, objective.class_dropout_prob, self.rng)
         t = sample_times(x0.shape[0], objective.time_sampling, x0.device, self.rng)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self.rng)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=self.rng) * self.noise_scale
         with self.accelerator.accumulate(self.model):
             with self.accelerator.autocast():
                 velocity_pred = output_sample(self.model(interpolate(x0, noise, t), t, labels))

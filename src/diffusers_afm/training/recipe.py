@@ -24,6 +24,7 @@ import re
 from typing import Dict, Optional
 
 from ..models.transformer_afm import AFM_PRESETS
+from ..models.transformer_jit import JIT_PRESETS, JiTTransformer2DModel
 from ..utils import SettingError
 
 # The objective and optimiser values that do not depend on the step count (docs/method.md).
@@ -243,3 +244,50 @@ def trunk_sizes() -> Dict[str, Dict]:
     """The named trunks without their patch size: `T` (ours) and the paper's (`AFM_PRESETS`)."""
     paper = {name.split("/")[0]: dict(trunk) for name, trunk in AFM_PRESETS.items()}
     return {"T": {k: v for k, v in TINY_TRUNK.items()}, **paper}
+
+
+# ----------------------------------------------------------------------------- JiT (flow models only)
+# What the data and the run decide in a JiT model's config, whatever a preset or file says.
+JIT_DATA_KEYS = ("sample_size", "in_channels", "num_classes", "class_dropout_prob")
+
+
+def is_jit_model(spec: Optional[str]) -> bool:
+    """Whether `--model_config` names a JiT model: a JiT size (`"JiT-B/16"`) or a JSON file whose
+    `_class_name` is `JiTTransformer2DModel` (a JiT model's own config.json works as it is)."""
+    if spec in JIT_PRESETS:
+        return True
+    if spec is None or not os.path.isfile(spec):
+        return False
+    try:
+        with open(spec) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False  # trunk_config reports the file
+    return isinstance(config, dict) and config.get("_class_name") == JiTTransformer2DModel.__name__
+
+
+def jit_model_config(spec: str, name: str = "model_config") -> Dict:
+    """A JiT model's config from a size (`JIT_PRESETS`) or a JSON file of `JiTTransformer2DModel`'s
+    config keys, without the keys the data and the run decide (`JIT_DATA_KEYS`). An unknown key is
+    a `SettingError` naming the setting `name`."""
+    import inspect
+
+    if spec in JIT_PRESETS:
+        config = dict(JIT_PRESETS[spec])
+    else:
+        with open(spec) as f:
+            config = json.load(f)
+    allowed = [k for k in inspect.signature(JiTTransformer2DModel.__init__).parameters if k != "self"]
+    for key in config:
+        if key not in allowed and not key.startswith("_"):
+            close = difflib.get_close_matches(key, allowed, n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise SettingError(name, spec, f"a JiT config of JiTTransformer2DModel's keys; it has the unknown key {key!r}.{hint}")
+    return {k: v for k, v in config.items() if k in allowed and k not in JIT_DATA_KEYS}
+
+
+def model_patch_size(spec: str, name: str = "model_config") -> int:
+    """The patch size of the model `--model_config` names (an AFM trunk or a JiT model)."""
+    if is_jit_model(spec):
+        return jit_model_config(spec, name).get("patch_size", 16)
+    return trunk_config(spec, name)["patch_size"]
