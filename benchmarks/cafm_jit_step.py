@@ -107,7 +107,7 @@ def run(size: str, args, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "S-4"], choices=list(SIZES))
     parser.add_argument("--batch_size", type=int, default=8)

@@ -127,7 +127,7 @@ def run(args, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dim", type=int, default=1536, help="Trunk width (a multiple of 128; Z-Image: 3840).")
     parser.add_argument("--n_layers", type=int, default=2)

@@ -65,7 +65,7 @@ def build_models(size: str, sample_size: int, num_classes: int, device: torch.de
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", default="S/2-4", help="tiny, S/2-4 (S/2 width, 4 layers), S/2, B/2, M/2, L/2, XL/2")
     p.add_argument("--sample_size", type=int, default=32, help="latent side (32 = ImageNet 256, 256 tokens)")

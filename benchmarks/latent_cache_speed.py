@@ -111,7 +111,7 @@ def count_macs():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num_images", type=int, default=64)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=16)

@@ -96,7 +96,7 @@ def penalties(step, batches):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", default="B/2", help="The discriminator of part 1 (a paper size or a small one).")
     p.add_argument("--sample_size", type=int, default=32, help="Latent side (32 = ImageNet 256 with the SD-VAE).")

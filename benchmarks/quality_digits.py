@@ -116,7 +116,7 @@ def measure(pipeline_dir, per_class=100, seed=0, **sample_kwargs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default=None, help="A trained pipeline folder; default: train one first.")
     parser.add_argument("--output_dir", default="afm-digits-quality", help="Where the default model is trained.")
     parser.add_argument("--per_class", type=int, default=100)

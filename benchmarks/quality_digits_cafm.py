@@ -24,7 +24,7 @@ from quality_digits import measure  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flow_pipeline", default=None, help="A flow-matching folder; default: train one.")
     parser.add_argument("--cafm_pipeline", default=None, help="Its CAFM post-trained folder; default: train it.")
     parser.add_argument("--work_dir", default="cafm-digits-quality", help="Where the default models are trained.")

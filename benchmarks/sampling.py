@@ -59,7 +59,7 @@ def build_transformer(size: str, nfe: int, sample_size: int, num_classes: int, d
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = torch.cuda.is_available()
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--size", default=None, help="default: S/2-4 on a CPU, XL/2 on a GPU")

@@ -125,7 +125,7 @@ def _target_values(target: Target, runs: List[Dict[str, float]]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="docs/toy")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=list(toy_afm.METHODS), choices=toy_afm.METHODS)

@@ -200,7 +200,7 @@ def parse_config(text: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = torch.cuda.is_available()
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--sizes", nargs="+", default=None, help="default: tiny S/2-4 on a CPU, B/2 XL/2 on a GPU")

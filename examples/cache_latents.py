@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dataset_name", default=None, help="Hub dataset or local imagefolder.")
     p.add_argument("--dataset_config_name", default=None, help="The Hub dataset's configuration, if it has several.")
     p.add_argument("--train_data_dir", default=None, help="A local folder of images (imagefolder layout).")

@@ -35,7 +35,7 @@ from diffusers_afm.utils import DTYPES, HelpFormatter, distributed_state, resolv
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--pipeline", help="AFMPipeline folder or Hub id: sample and evaluate.")
     source.add_argument("--folder", help="A folder of images (.png/.jpg/.webp, subfolders too).")

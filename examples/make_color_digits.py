@@ -41,7 +41,7 @@ def color_digits(split: str = "train", size: int = 24, seed: int = 0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="color-digits", help="The folder to write (one sub-folder per class).")
     parser.add_argument("--split", choices=("train", "test"), default="train",
                         help="The digits' fixed 75%% train split or the 25%% held out.")

@@ -86,7 +86,7 @@ def write_captioned_digits(folder: str, count: int = 64, resolution: int = 16, s
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--pipeline_dir", default=None, help="Write the tiny ZImagePipeline folder here.")
     p.add_argument("--images_dir", default=None, help="Write the captioned digits here.")
     p.add_argument("--num_images", type=int, default=64)

@@ -16,7 +16,8 @@ name and renamed, so none is written twice or left half-written.
 
 Writes to --output_dir: `{i:06d}.png` (`--format png|both`), `samples.npz` with `arr_0` (uint8
 N x H x W x 3) and `labels` (`--format npz|both`; assembled at the end from per-batch files in
-`batches/`, which are then removed), and `sampling.json` (the settings, checked on resume).
+`batches/`, which are then removed), and `sampling.json` (the settings and the SHA-256 of the
+pipeline's weights and configs, checked on resume: samples of two models are never mixed).
 """
 
 import argparse
@@ -33,19 +34,23 @@ from diffusers_afm import AFMPipeline
 from diffusers_afm.evaluation import (
     generate_images,
     parse_class_labels,
+    pipeline_fingerprint,
     plan_batches,
     sample_class_labels,
     write_samples_npz,
 )
-from diffusers_afm.utils import DTYPES, HelpFormatter, atomic_file, distributed_state, resolve_dtype
+from diffusers_afm.utils import (DTYPES, HelpFormatter, RunStopped, atomic_file, distributed_state, remove_stale_temporaries,
+                                 resolve_dtype)
 
-# Settings that change the images: a resumed run must use the same ones.
-MANIFEST_KEYS = ("pipeline", "num_samples", "class_labels", "seed", "batch_size", "num_inference_steps", "dtype", "format")
+# Settings that change the images: a resumed run must use the same ones. The pipeline is compared by
+# its content (`pipeline_sha256`), not by its path: a folder can move, or be overwritten by another model.
+MANIFEST_KEYS = ("pipeline_sha256", "num_samples", "class_labels", "seed", "batch_size", "num_inference_steps", "dtype",
+                 "format")
 NPZ_NAME = "samples.npz"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--pipeline", required=True, help="AFMPipeline folder or Hub id.")
     p.add_argument("--output_dir", required=True, help="Where the images, samples.npz and sampling.json go.")
     p.add_argument("--per_class", type=int, default=50,
@@ -95,15 +100,6 @@ def write_batch(args, indices, images, labels, pngs, need_batch, width):
             np.savez(f, images=images, labels=np.asarray(labels, dtype=np.int64))
 
 
-def remove_stale_temporaries(output_dir):
-    """Leftovers of an interrupted run (`.<name>.tmp-*`); they are never read."""
-    for folder in (output_dir, os.path.join(output_dir, "batches")):
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if name.startswith(".") and ".tmp-" in name:
-                    os.remove(os.path.join(folder, name))
-
-
 def check_manifest(args, manifest):
     path = os.path.join(args.output_dir, "sampling.json")
     if not os.path.exists(path):
@@ -113,8 +109,10 @@ def check_manifest(args, manifest):
     different = [k for k in MANIFEST_KEYS if existing.get(k) != manifest[k]]
     if different:
         changes = ", ".join(f"{k}: {existing.get(k)!r} -> {manifest[k]!r}" for k in different)
-        raise ValueError(f"{args.output_dir} holds samples made with other settings ({changes}); "
-                         "use another --output_dir or the same flags to resume.")
+        model = (f" (the weights or configs in {args.pipeline} are not those of the model that made them)"
+                 if "pipeline_sha256" in different else "")
+        raise ValueError(f"{args.output_dir} holds samples made with other settings ({changes}){model}; "
+                         "use another --output_dir, or the same flags and pipeline to resume.")
     return True
 
 
@@ -130,10 +128,12 @@ def assemble_npz(args, num_batches, labels):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if os.path.isfile(args.output_dir):
+        raise ValueError(f"`--output_dir` {args.output_dir} is a file; allowed: a folder (new or existing).")
     state = distributed_state()
     device = state.device
     dtype = resolve_dtype(args.dtype, device)
-    pipe = AFMPipeline.from_pretrained(args.pipeline, dtype=dtype).to(device)
+    pipe = AFMPipeline.from_pretrained(args.pipeline, dtype=dtype).to(device)  # refuses NaN/Inf weights
     pipe.set_progress_bar_config(disable=True)
     num_classes = pipe.transformer.config.num_classes
     if args.class_labels is not None:
@@ -147,7 +147,10 @@ def main(argv=None):
         raise ValueError("--num_samples (or --per_class) and --batch_size must be >= 1.")
     width = max(6, len(str(num_samples - 1)))
     manifest = {
-        "pipeline": args.pipeline, "num_samples": num_samples, "class_labels": args.class_labels, "seed": args.seed,
+        "pipeline": args.pipeline,
+        "pipeline_sha256": pipeline_fingerprint(args.pipeline if os.path.isdir(args.pipeline) else
+                                                AFMPipeline.download(args.pipeline)),
+        "num_samples": num_samples, "class_labels": args.class_labels, "seed": args.seed,
         "batch_size": args.batch_size, "num_inference_steps": args.num_inference_steps,
         "dtype": str(dtype).replace("torch.", ""), "format": args.format,
         "label_rule": "class_labels[i % len(class_labels)]" if args.class_labels else f"i % {num_classes}",
@@ -159,7 +162,8 @@ def main(argv=None):
     state.wait_for_everyone()
     if state.is_main_process:
         os.makedirs(os.path.join(args.output_dir, "batches"), exist_ok=True)
-        remove_stale_temporaries(args.output_dir)
+        for folder in (args.output_dir, os.path.join(args.output_dir, "batches")):
+            remove_stale_temporaries(folder)  # of an interrupted run; never read
         if not resuming:
             with atomic_file(os.path.join(args.output_dir, "sampling.json"), "w") as f:
                 json.dump(manifest, f, indent=2)
@@ -214,8 +218,14 @@ def main(argv=None):
     return args.output_dir
 
 
-if __name__ == "__main__":
+def run(argv=None) -> None:
+    """The command line: bad flags, a damaged pipeline or a failed write stop with one `error:` line
+    and exit status 1, without a traceback."""
     try:
-        main()
-    except ValueError as err:
+        main(argv)
+    except (ValueError, OSError, RunStopped) as err:
         sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    run()

@@ -366,7 +366,7 @@ def panel_title(method: str, metrics: Dict[str, float]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     defaults = ToyConfig()
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument(
         "--dataset", default=defaults.dataset, help="gmm1d, 8gaussians, checkerboard, moons or PATH.npy (N x D)"

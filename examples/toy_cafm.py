@@ -198,7 +198,7 @@ def trajectories(model, noise, num_steps) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     defaults = ToyCAFMConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", default=defaults.dataset, help="gmm1d, 8gaussians, checkerboard, moons or PATH.npy")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the weights, data and noise")

@@ -25,6 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from diffusers_afm import AdversarialFlowClassifier, flow
@@ -38,11 +39,12 @@ from diffusers_afm.data import (
 )
 from diffusers_afm.training import EMAConfig, ModelEMA, OptimizerConfig, RunConfig, cli, recipe
 from diffusers_afm.training.augment import random_affine
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
-from diffusers_afm.training.loop import epoch_batches, host_values, noise_generator, steps_from_epochs
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
+from diffusers_afm.training.output_dir import check_free_space, start_run
+from diffusers_afm.training.loop import epoch_batches, host_values, noise_generator
 from diffusers_afm.training.optimization import optimizer_update
 from diffusers_afm.training.run import init_trackers
-from diffusers_afm.utils import atomic_file, check_setting, save_pretrained_into, settings_from_flags
+from diffusers_afm.utils import RunStopped, atomic_file, check_setting, save_pretrained_into, settings_from_flags
 
 logger = get_logger(__name__)
 
@@ -184,14 +186,17 @@ def train(args: argparse.Namespace) -> str:
     # 1. The Accelerator; the checkpoint to resume (a damaged one is an error before any data is loaded)
     run = settings_from_flags(RunConfig, vars(args))
     accelerator = run.make_accelerator()
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # A B/2 classifier fits one GPU with room to spare: it trains on one process or under DDP.
+        raise RunStopped("train_afm_classifier.py does not run under FSDP (its B/2 classifier fits one GPU); launch it "
+                         "on one process or with DDP (`accelerate launch --multi_gpu ...`).")
+    # The output folder writable, locked, free of another run's outputs; the resume's settings compared
+    resume_path = start_run(accelerator, run, settings(args))
 
     # 2. Data and the VAE (as the generator trainer reads them)
     data = load_training_data(**{name: getattr(args, name) for name in DATA_FLAGS}, device=accelerator.device,
                               dtype=run.mixed_precision_dtype)
-    if args.max_train_steps is None:
-        args.max_train_steps = steps_from_epochs(args.num_train_epochs, len(data.dataloader), accelerator.num_processes,
-                                                 args.gradient_accumulation_steps)
+    args.max_train_steps = run.total_steps(len(data.dataloader), accelerator.num_processes)  # --num_train_epochs, if given
 
     # 3. The classifier, its optimizer and EMA
     classifier = build_classifier(args, data.sample_size, data.in_channels, data.num_classes)
@@ -207,10 +212,11 @@ def train(args: argparse.Namespace) -> str:
     rng = noise_generator(accelerator, args.seed)
 
     # 4. Resume
-    checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng)
+    check_free_space(accelerator, args.output_dir, resume_path, [classifier], [ema])  # room for a checkpoint
+    checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng, settings=settings(args))
     global_step = 0
     if resume_path is not None:
-        global_step = checkpoints.load(resume_path, verify=False)  # resolve_resume verified it
+        global_step = checkpoints.load(resume_path, verify=False)  # start_run verified it
         logger.info(f"Resumed from {resume_path} at step {global_step}")
     init_trackers(accelerator, args.tracker_project_name, settings(args))
 

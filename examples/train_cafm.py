@@ -51,9 +51,12 @@ from diffusers_afm.hub import (
 from diffusers_afm.pipelines import class_grid
 from diffusers_afm.training import EMAConfig, ModelEMA, OptimizerConfig, RunConfig, cli, recipe
 from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
-from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator, steps_from_epochs
-from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_weight_sums
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
+from diffusers_afm.training.distributed import gather_model, prepare_network
+from diffusers_afm.training.memory import plan_summary
+from diffusers_afm.training.output_dir import check_free_space, start_run
+from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator
+from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_peak_memory, log_weight_sums
 from diffusers_afm.utils import SettingError, check_setting, save_image, settings_from_flags
 
 logger = get_logger(__name__)
@@ -95,8 +98,8 @@ def build_parser() -> cli.TrainingArgumentParser:
     p.add_argument("--class_dropout_prob", type=float, default=None,
                    help="Probability of the null class for both networks (default: the model's, 0.1 for SiT).")
     p.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Recompute activations in the backward pass: less memory, more time. Both networks for JiT; "
-                        "the generator only for SiT's layout, whose discriminator JVP does not compose with it.")
+                   help="Recompute both networks' activations block by block in the backward pass (the "
+                        "discriminator's JVP included): less memory, more time.")
     cli.add_optimizer_arguments(p, beta1=0.0, beta2=0.95, weight_decay=0.0, max_grad_norm=10_000.0,
                                 networks=" of both networks", learning_rate_help="The generator's AdamW lr (1e-5; digits 1e-4).",
                                 max_grad_norm_help="Gradient clipping of both (the reference's 10000).")
@@ -192,6 +195,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> dict:
     config = read_flow_config(pretrained_folder(args.pretrained_model_name_or_path))
     summary = {"generator": {"class": config["_class_name"], "config": {k: v for k, v in config.items() if not k.startswith("_")}}}
+    if args.dry_run:  # what the run's state takes per GPU, under DDP and FSDP2 (the networks' shapes only)
+        generator_class, discriminator_class, initialise = DISCRIMINATORS[config["_class_name"]]
+        with torch.device("meta"):
+            generator = generator_class.from_config(config)
+            discriminator = getattr(discriminator_class, initialise)(generator)
+        summary["memory_plan"] = plan_summary({"generator": generator, "discriminator": discriminator}, ema=["generator"])
     return {**build_parser().settings(vars(args)), "_model": summary}
 
 
@@ -230,27 +239,23 @@ def train(args: argparse.Namespace) -> str:
     # 1. The Accelerator, the Hub repository, the checkpoint to resume (verified before any data)
     run = settings_from_flags(RunConfig, vars(args))
     accelerator = run.make_accelerator()
-    hub_repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        hub_repo_id = create_hub_repo(args.hub_model_id, args.hub_private_repo, args.hub_token)
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    hub_repo_id = (create_hub_repo(args.hub_model_id, args.hub_private_repo, args.hub_token)
+                   if args.push_to_hub and accelerator.is_main_process else None)
+    # The output folder writable, locked, free of another run's outputs; the resume's settings compared
+    resume_path = start_run(accelerator, run, settings(args))
 
     # 2. The data and the VAE
     data = load_training_data(**{name: getattr(args, name) for name in DATA_FLAGS}, device=accelerator.device,
                               dtype=run.mixed_precision_dtype)
-    if args.max_train_steps is None:
-        args.max_train_steps = steps_from_epochs(args.num_train_epochs, len(data.dataloader), accelerator.num_processes,
-                                                 args.gradient_accumulation_steps)
+    args.max_train_steps = run.total_steps(len(data.dataloader), accelerator.num_processes)  # --num_train_epochs, if given
 
     # 3. The pretrained generator and its discriminator (initialised from it)
     generator, discriminator = build_models(args)
     data.check_fits(generator, f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path}")
     if args.gradient_checkpointing:
+        # Both: the discriminators take their JVP block by block, inside each block's forward.
         generator.enable_gradient_checkpointing()
-        if isinstance(discriminator, AdversarialFlowJiTDiscriminator):  # its JVP is taken block by block
-            discriminator.enable_gradient_checkpointing()
-        else:  # the SiT-layout JVP is one transform over the whole model: checkpointing does not compose with it
-            logger.info("--gradient_checkpointing: on for the generator; the discriminator's JVP runs without it")
+        discriminator.enable_gradient_checkpointing()
     logger.info(f"generator {generator.num_parameters() / 1e6:.2f}M, discriminator {discriminator.num_parameters() / 1e6:.2f}M parameters")
 
     # 4. Optimisers and schedules (both count iterations, D and G steps alike), prepared; EMA; the step
@@ -260,9 +265,12 @@ def train(args: argparse.Namespace) -> str:
     optimizer_g, optimizer_d = config_g.adamw(generator.parameters()), config_d.adamw(discriminator.parameters())
     schedulers = [config.scheduler(optimizer, args.max_train_steps, accelerator.num_processes)
                   for config, optimizer in ((config_g, optimizer_g), (config_d, optimizer_d))]
-    generator, discriminator, optimizer_g, optimizer_d, dataloader, *schedulers = accelerator.prepare(
-        generator, discriminator, optimizer_g, optimizer_d, data.dataloader, *schedulers
-    )
+    # One network per call (FSDP2 takes one at a time). The discriminator reads its logit out in
+    # full precision, outside autocast, which needs its parameters kept in full precision.
+    generator, optimizer_g, schedulers[0] = prepare_network(accelerator, generator, optimizer_g, schedulers[0])
+    discriminator, optimizer_d, schedulers[1] = prepare_network(accelerator, discriminator, optimizer_d, schedulers[1],
+                                                                full_precision_parameters=True)
+    dataloader = accelerator.prepare(data.dataloader)
     # Both schedules count iterations, so each network's scheduler also steps in the other's
     # iterations; torch warns about that at the first D step.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
@@ -276,7 +284,8 @@ def train(args: argparse.Namespace) -> str:
     )
 
     # 5. Resume, trackers
-    checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng)
+    check_free_space(accelerator, args.output_dir, resume_path, [generator, discriminator], [ema])  # room for a checkpoint
+    checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng, settings=settings(args))
     global_step = 0
     if resume_path is not None:
         global_step = checkpoints.load(resume_path, verify=False)
@@ -304,24 +313,27 @@ def train(args: argparse.Namespace) -> str:
         progress.set_postfix({name: f"{values[name]:.3f}" for name in ("loss_d", "loss_g") if name in values})
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            grid = sample_grid(args, ema.full_model(), data)
-            save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
-            log_image(accelerator, grid, global_step)
+        if global_step % args.validation_steps == 0:
+            ema_model = ema.full_model(accelerator.device)  # every process: it gathers the shards under FSDP
+            if accelerator.is_main_process:
+                grid = sample_grid(args, ema_model, data)
+                save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
+                log_image(accelerator, grid, global_step)
     progress.close()
+    log_peak_memory(accelerator)
     # Under DDP every rank must hold the same weights: the log shows each rank's sums (the tests compare them).
     log_weight_sums(accelerator, global_step, generator=generator, discriminator=discriminator)
 
     # 7. The pipeline folder (the EMA generator), the discriminator, samples and a model card
     accelerator.wait_for_everyone()
+    ema_model, final_discriminator = ema.full_model(accelerator.device), gather_model(discriminator)  # every process
     if accelerator.is_main_process:
-        ema_model = ema.full_model()
         pretrained = args.pretrained_model_name_or_path
         save_pipeline_folder(
             args.output_dir, AFMPipeline(transformer=ema_model, vae=data.vae, id2label=data.id2label),
-            sample_grid=sample_grid(args, ema_model, data), discriminator=accelerator.unwrap_model(discriminator),
+            sample_grid=sample_grid(args, ema_model, data), discriminator=final_discriminator,
             standalone=args.standalone_hub_files, repo_id=args.hub_model_id,
-            base_model=None if os.path.isdir(pretrained) else pretrained,
+            base_model=pretrained,  # a local folder too: the card resolves what the Hub metadata can carry
             dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits",
             training_settings=settings(args), cafm=True,
             description=f"These are the EMA weights after {global_step} iterations.",

@@ -30,7 +30,6 @@ import warnings
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from diffusers_afm.data.captions import DEFAULT_CAPTION_COLUMN, TextToImageBatches, captioned_dataloader, load_captioned_dataset
@@ -46,11 +45,13 @@ from diffusers_afm.models.discriminator_zimage import AdversarialFlowZImageDiscr
 from diffusers_afm.training import EMAConfig, ModelEMA, OptimizerConfig, RunConfig, cli
 from diffusers_afm.training.cafm import CAFMObjective
 from diffusers_afm.training.cafm_zimage import ZIMAGE_TIME_SHIFT, ZImageCAFMTrainingStep
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
-from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator, steps_from_epochs
-from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_weight_sums
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
+from diffusers_afm.training.distributed import gather_model, prepare_network
+from diffusers_afm.training.memory import plan_summary
+from diffusers_afm.training.output_dir import check_free_space, start_run
+from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator
+from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_peak_memory, log_weight_sums
 from diffusers_afm.utils import (
-    RunStopped,
     SettingError,
     atomic_directory,
     check_setting,
@@ -187,9 +188,28 @@ def cafm_objective(args: argparse.Namespace) -> CAFMObjective:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    transformer = read_pipeline(pretrained_folder(args.pretrained_model_name_or_path))["transformer"]
+    folder = pretrained_folder(args.pretrained_model_name_or_path)
+    transformer = read_pipeline(folder)["transformer"]
     config = {k: v for k, v in transformer.items() if not k.startswith("_")}
-    return {**build_parser().settings(vars(args)), "_model": {"generator": {"class": ZIMAGE_MODEL, "config": config}}}
+    model = {"generator": {"class": ZIMAGE_MODEL, "config": config}}
+    if args.dry_run:  # what the run's state takes per GPU, under DDP and FSDP2 (the networks' shapes only)
+        model["memory_plan"] = memory_plan_of(folder, args.mixed_precision)
+    return {**build_parser().settings(vars(args)), "_model": model}
+
+
+def memory_plan_of(folder: str, mixed_precision) -> dict:
+    """The plan of post-training the pipeline in `folder`: both networks and the EMA trained or kept in
+    float32, the text encoder frozen in the mixed-precision dtype on every GPU; built on the meta device."""
+    from diffusers import ZImageTransformer2DModel
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):
+        generator = ZImageTransformer2DModel.from_config(ZImageTransformer2DModel.load_config(os.path.join(folder, "transformer")))
+        discriminator = AdversarialFlowZImageDiscriminator.for_transformer(generator)
+        text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(folder, "text_encoder")))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    return plan_summary({"generator": generator, "discriminator": discriminator}, ema=["generator"],
+                        frozen={"text encoder": (text_encoder, dtype)})
 
 
 def load_pipeline(folder: str, accelerator, dtype: torch.dtype):
@@ -247,15 +267,10 @@ def train(args: argparse.Namespace) -> str:
     # 1. The Accelerator, the Hub repository, the checkpoint to resume (verified before any data)
     run = settings_from_flags(RunConfig, vars(args))
     accelerator = run.make_accelerator()
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # Said now rather than as a confusing failure later: ModelEMA copies the unwrapped generator,
-        # which under FSDP holds only this rank's shard (docs/cafm.md, "Not done").
-        raise RunStopped("FSDP is not supported by this trainer yet: the generator's EMA is not sharded. "
-                         "Use DDP (the memory plan in docs/cafm.md says what fits).")
-    hub_repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        hub_repo_id = create_hub_repo(args.hub_model_id, args.hub_private_repo, args.hub_token)
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    hub_repo_id = (create_hub_repo(args.hub_model_id, args.hub_private_repo, args.hub_token)
+                   if args.push_to_hub and accelerator.is_main_process else None)
+    # The output folder writable, locked, free of another run's outputs; the resume's settings compared
+    resume_path = start_run(accelerator, run, settings(args))
 
     # 2. The captioned data; the validation prompts (by default the data's first captions)
     dataset = load_captioned_dataset(args.dataset_name, args.train_data_dir, args.image_column, args.caption_column,
@@ -265,9 +280,7 @@ def train(args: argparse.Namespace) -> str:
         dataset, resolution=args.resolution, train_batch_size=args.train_batch_size, caption_column=args.caption_column,
         image_column=args.image_column, max_train_samples=args.max_train_samples, center_crop=args.center_crop,
         dataloader_num_workers=args.dataloader_num_workers, seed=args.seed)
-    if args.max_train_steps is None:
-        args.max_train_steps = steps_from_epochs(args.num_train_epochs, len(loader), accelerator.num_processes,
-                                                 args.gradient_accumulation_steps)
+    args.max_train_steps = run.total_steps(len(loader), accelerator.num_processes)  # --num_train_epochs, if given
 
     # 3. The base pipeline: its transformer is the generator, the discriminator starts from it
     folder = pretrained_folder(args.pretrained_model_name_or_path)
@@ -289,8 +302,12 @@ def train(args: argparse.Namespace) -> str:
     optimizer_g, optimizer_d = config_g.adamw(generator.parameters()), config_d.adamw(discriminator.parameters())
     schedulers = [config.scheduler(optimizer, args.max_train_steps, accelerator.num_processes)
                   for config, optimizer in ((config_g, optimizer_g), (config_d, optimizer_d))]
-    generator, discriminator, optimizer_g, optimizer_d, dataloader, *schedulers = accelerator.prepare(
-        generator, discriminator, optimizer_g, optimizer_d, loader, *schedulers)
+    # One network per call (FSDP2 takes one at a time). The discriminator reads its logit out in
+    # full precision, outside autocast, which needs its parameters kept in full precision.
+    generator, optimizer_g, schedulers[0] = prepare_network(accelerator, generator, optimizer_g, schedulers[0])
+    discriminator, optimizer_d, schedulers[1] = prepare_network(accelerator, discriminator, optimizer_d, schedulers[1],
+                                                                full_precision_parameters=True)
+    dataloader = accelerator.prepare(loader)
     # Both schedules count iterations, so each network's scheduler also steps in the other's
     # iterations; torch warns about that at the first D step.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
@@ -306,7 +323,8 @@ def train(args: argparse.Namespace) -> str:
                                        max_sequence_length=args.max_sequence_length)
 
     # 5. Resume, trackers
-    checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng)
+    check_free_space(accelerator, args.output_dir, resume_path, [generator, discriminator], [ema])  # room for a checkpoint
+    checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng, settings=settings(args))
     global_step = 0
     if resume_path is not None:
         global_step = checkpoints.load(resume_path, verify=False)
@@ -335,22 +353,26 @@ def train(args: argparse.Namespace) -> str:
         progress.set_postfix({name: f"{values[name]:.3f}" for name in ("loss_d", "loss_g") if name in values})
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            grid = validation_images(args, accelerator, pipeline, ema.full_model(), prompts)
-            save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
-            log_image(accelerator, grid, global_step)
+        if global_step % args.validation_steps == 0:
+            ema_model = ema.full_model(accelerator.device)  # every process: it gathers the shards under FSDP
+            if accelerator.is_main_process:
+                grid = validation_images(args, accelerator, pipeline, ema_model, prompts)
+                save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
+                log_image(accelerator, grid, global_step)
     progress.close()
+    log_peak_memory(accelerator)
     log_weight_sums(accelerator, global_step, generator=generator, discriminator=discriminator)
 
     # 7. A stock ZImagePipeline folder (the EMA generator), the discriminator, samples and a model card
     accelerator.wait_for_everyone()
+    ema_model, final_discriminator = ema.full_model(accelerator.device), gather_model(discriminator)  # every process
     if accelerator.is_main_process:
-        grid = validation_images(args, accelerator, pipeline, ema.full_model(), prompts)
-        save_zimage_pipeline(args.output_dir, ema.full_model(), accelerator.unwrap_model(discriminator), folder)
+        grid = validation_images(args, accelerator, pipeline, ema_model, prompts)
+        save_zimage_pipeline(args.output_dir, ema_model, final_discriminator, folder)
         save_image(grid, os.path.join(args.output_dir, "samples.png"))
         pretrained = args.pretrained_model_name_or_path
         save_text_to_image_model_card(
-            args.output_dir, repo_id=args.hub_model_id, base_model=None if os.path.isdir(pretrained) else pretrained,
+            args.output_dir, repo_id=args.hub_model_id, base_model=pretrained,
             dataset=args.dataset_name or args.train_data_dir, training_settings=settings(args), sample_grid="samples.png",
             example_prompt=prompts[0], resolution=args.resolution,
             description=f"These are the EMA weights after {global_step} iterations; validation prompts: {prompts}.")

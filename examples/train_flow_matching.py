@@ -39,9 +39,11 @@ from diffusers_afm.training import (
     cli,
     recipe,
 )
-from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag, resolve_resume
-from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator, steps_from_epochs
-from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image
+from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
+from diffusers_afm.training.memory import plan_summary
+from diffusers_afm.training.output_dir import check_free_space, start_run
+from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator
+from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_peak_memory
 from diffusers_afm.utils import SettingError, check_setting, save_image, settings_from_flags
 
 logger = get_logger(__name__)
@@ -124,6 +126,8 @@ def settings(args: argparse.Namespace) -> dict:
     summary = cli.model_summary(transformer=model)
     if planned["assumed"]:
         summary["assumed"] = planned["assumed"]
+    if args.dry_run:  # what the run's state takes per GPU, under DDP and FSDP2
+        summary["memory_plan"] = plan_summary({"transformer": model}, ema=["transformer"])
     return {**build_parser().settings(vars(args)), "_model": summary}
 
 
@@ -170,17 +174,15 @@ def train(args: argparse.Namespace) -> str:
     # 1. The Accelerator, the Hub repository, the checkpoint to resume (verified before any data)
     run = settings_from_flags(RunConfig, vars(args))
     accelerator = run.make_accelerator()
-    hub_repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        hub_repo_id = create_hub_repo(args.hub_model_id, args.hub_private_repo, args.hub_token)
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    hub_repo_id = (create_hub_repo(args.hub_model_id, args.hub_private_repo, args.hub_token)
+                   if args.push_to_hub and accelerator.is_main_process else None)
+    # The output folder writable, locked, free of another run's outputs; the resume's settings compared
+    resume_path = start_run(accelerator, run, settings(args))
 
     # 2. The data and the VAE
     data = load_training_data(**{name: getattr(args, name) for name in DATA_FLAGS}, device=accelerator.device,
                               dtype=run.mixed_precision_dtype)
-    if args.max_train_steps is None:
-        args.max_train_steps = steps_from_epochs(args.num_train_epochs, len(data.dataloader), accelerator.num_processes,
-                                                 args.gradient_accumulation_steps)
+    args.max_train_steps = run.total_steps(len(data.dataloader), accelerator.num_processes)  # --num_train_epochs, if given
 
     # 3. The model (or the one to continue from), its optimizer, EMA and step
     model = build_flow_model(args, data.sample_size, data.in_channels, data.num_classes)
@@ -204,7 +206,8 @@ def train(args: argparse.Namespace) -> str:
     )
 
     # 4. Resume, trackers
-    checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng)
+    check_free_space(accelerator, args.output_dir, resume_path, [model], [ema])  # room for a checkpoint
+    checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng, settings=settings(args))
     global_step = 0
     if resume_path is not None:
         global_step = checkpoints.load(resume_path, verify=False)
@@ -231,16 +234,19 @@ def train(args: argparse.Namespace) -> str:
         progress.set_postfix(loss=f"{values['loss']:.4f}")
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             checkpoints.save(args.output_dir, global_step, args.checkpoints_total_limit)
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            grid = sample_grid(args, ema.full_model(), data)
-            save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
-            log_image(accelerator, grid, global_step)
+        if global_step % args.validation_steps == 0:
+            ema_model = ema.full_model(accelerator.device)  # every process: it gathers the shards under FSDP
+            if accelerator.is_main_process:
+                grid = sample_grid(args, ema_model, data)
+                save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
+                log_image(accelerator, grid, global_step)
     progress.close()
 
+    log_peak_memory(accelerator)
     # 6. The pipeline folder (the EMA model), samples and a model card
     accelerator.wait_for_everyone()
+    ema_model = ema.full_model(accelerator.device)  # every process (FSDP gathers the shards)
     if accelerator.is_main_process:
-        ema_model = ema.full_model()
         # The card records the model itself, not the name or JSON file it came from.
         if isinstance(ema_model, JiTTransformer2DModel):
             trunk = {k: v for k, v in ema_model.config.items() if not k.startswith("_") and k not in recipe.JIT_DATA_KEYS}
@@ -249,7 +255,7 @@ def train(args: argparse.Namespace) -> str:
         save_pipeline_folder(
             args.output_dir, AFMPipeline(transformer=ema_model, vae=data.vae, id2label=data.id2label),
             sample_grid=sample_grid(args, ema_model, data), standalone=args.standalone_hub_files, repo_id=args.hub_model_id,
-            base_model=args.init_from if args.init_from and not os.path.isdir(args.init_from) else None,
+            base_model=args.init_from,
             dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits",
             training_settings={**settings(args), "model_config": trunk},
             description=f"These are the EMA weights after {global_step} iterations.",

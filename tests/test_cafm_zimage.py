@@ -221,6 +221,10 @@ def test_trainer_post_trains_and_writes_a_stock_zimage_pipeline(tiny_assets, tmp
     assert (out / "samples" / "step_0000003.png").exists() and (out / "samples.png").exists()
     card = (out / "README.md").read_text()
     assert "text-to-image" in card and "continuous-adversarial-flow-models" in card and "ZImagePipeline" in card
+    # Its snippet: diffusers' current `dtype=`, a prompt of this run (its validation prompt); the base
+    # model, a local folder, named in the text (the Hub's `base_model` metadata takes only a Hub id).
+    assert "dtype=torch.bfloat16" in card and "torch_dtype" not in card and 'pipe("a red digit seven"' in card
+    assert "from the local model `pipe`" in card and "base_model" not in card.split("---")[1]
     assert AdversarialFlowZImageDiscriminator.from_pretrained(out / "discriminator").config.dim == 64
     # diffusers alone (diffusers_afm cannot be imported) loads and samples the output folder.
     code = ("import sys; sys.modules['diffusers_afm'] = None\n"
@@ -282,21 +286,33 @@ def _not_flow(folder):
     # Its output is a stock ZImagePipeline: the trainer has no standalone export, so argparse refuses the flag.
     ("standalone", ("--standalone_hub_files",), "unrecognized arguments: --standalone_hub_files"),
 ])
-def test_trainer_bad_input_fails_before_any_work(tiny_assets, tmp_path, case, flags, message):
+def test_trainer_bad_input_fails_before_any_work(tiny_assets, tmp_path, case, flags, message, monkeypatch, capsys):
     images, pipe = tiny_assets / "images", tiny_assets / "pipe"
     if case == "images_uncaptioned":
         images = _variant(tiny_assets, tmp_path, case, _no_captions)
     if case == "pipe_not_flow":
         pipe = _variant(tiny_assets, tmp_path, case, _not_flow)
-    cmd = [sys.executable, str(REPO / "examples" / "train_cafm_t2i.py"), "--pretrained_model_name_or_path", str(pipe),
-           "--train_data_dir", str(images), "--resolution", "16", "--output_dir", str(tmp_path / "out"),
-           "--report_to", "none", *flags]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    argv = ["train_cafm_t2i.py", "--pretrained_model_name_or_path", str(pipe), "--train_data_dir", str(images),
+            "--resolution", "16", "--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags]
+    # The command line's own entry point (`__main__`: `cli.run_trainer`), in this process: a one-line
+    # error and a non-zero exit; any other exception (a traceback) fails the test.
+    from accelerate.state import AcceleratorState
+
+    from diffusers_afm.training import cli
+
+    monkeypatch.setattr(sys, "argv", argv)
+    AcceleratorState._reset_state(True)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_trainer(train_cafm_t2i.parse_args, train_cafm_t2i.settings, train_cafm_t2i.train)
+    finally:
+        AcceleratorState._reset_state(True)
+    code = exit_info.value.code
+    output = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    assert code not in (0, None)
     import re
 
-    assert re.search(message, result.stderr, re.S), result.stderr[-2000:]
+    assert re.search(message, output, re.S), output[-2000:]
     assert not (tmp_path / "out" / "checkpoint-1").exists() and not (tmp_path / "out" / "model_index.json").exists()
 
 

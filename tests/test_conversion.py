@@ -250,3 +250,31 @@ def test_afm_convert_flag_errors_exit_2(tmp_path, capsys):
     assert _exit_code(_convert_args(tmp_path, pth, "--model_size", "XL/2")) == 1
     assert re.search(r"g\.pth.*XL/2 has 28 layers of width 1152.*2 layers of width 64", capsys.readouterr().err)
     assert not (tmp_path / "pipe").exists()
+
+
+def test_afm_convert_reads_the_checkpoint_before_the_vae(tmp_path, capsys, monkeypatch):
+    """Offline, with the default Hub VAE not in the cache: a missing or malicious checkpoint is
+    reported as the checkpoint's error, not as the VAE's; a good one reaches the VAE."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # the SD-VAE is surely not cached here
+    evil = tmp_path / "evil.pth"
+    torch.save({"x_embedder.proj.weight": torch.zeros(1), "payload": subprocess.Popen}, evil)
+    good = tmp_path / "good.pth"
+    torch.save(load_file(OFFICIAL / "gen_1nfe.safetensors"), good)
+    base = ["--output_dir", str(tmp_path / "pipe"), "--class_names", "none", "--num_heads", "4"]
+    for checkpoint, code, pattern in [
+        (tmp_path / "missing.pth", 2, r"`--checkpoint`: no file at .*missing\.pth"),
+        (evil, 1, r"`--checkpoint`.*evil\.pth.*objects other than tensors"),
+        (good, 2, r"`--vae` 'stabilityai/sd-vae-ft-mse' cannot be loaded"),
+    ]:
+        assert _exit_code(["--checkpoint", str(checkpoint), *base]) == code, checkpoint
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(pattern, err), err
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_afm_convert_saves_in_the_dtype_asked_for(tmp_path):
+    pth = tmp_path / "g.pth"
+    torch.save(load_file(OFFICIAL / "gen_1nfe.safetensors"), pth)
+    assert _exit_code(_convert_args(tmp_path, pth, "--num_heads", "4", "--dtype", "bfloat16")) == 0
+    weights = load_file(tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}

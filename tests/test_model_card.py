@@ -83,3 +83,27 @@ def test_card_refuses_a_missing_grid(tmp_path):
     _folder(tmp_path)
     with pytest.raises(FileNotFoundError, match="sample_grid.*grid.png"):
         make_model_card(str(tmp_path), sample_grid="grid.png")
+
+
+def test_card_base_model_metadata_is_a_hub_id_even_from_a_local_folder(tmp_path):
+    """The Hub takes only a model repository's id as `base_model`: a Hub id, a Hub snapshot in the
+    cache and a folder saved after loading from the Hub give one; a folder trained here is named in
+    the text only."""
+    from diffusers_afm.hub import hub_model_id
+
+    folder = tmp_path / "cafm-digits"
+    _folder(folder)
+    snapshot = tmp_path / "hub" / "models--someone--fm-digits" / "snapshots" / "0123abcd"
+    _folder(snapshot)
+    reloaded = tmp_path / "fm-reloaded"
+    _folder(reloaded)
+    index = json.loads((reloaded / "model_index.json").read_text())
+    (reloaded / "model_index.json").write_text(json.dumps(dict(index, _name_or_path="someone/fm-original")))
+    local = tmp_path / "fm-digits"
+    _folder(local)
+    assert [hub_model_id(m) for m in ("someone/fm", str(snapshot), str(reloaded), str(local), None)] == [
+        "someone/fm", "someone/fm-digits", "someone/fm-original", None, None]
+    for base, metadata, text in [(str(snapshot), "someone/fm-digits", "from `someone/fm-digits`"),
+                                 (str(local), None, "from the local model `fm-digits`")]:
+        card = ModelCard.load(save_model_card(str(folder), base_model=base, cafm=True))
+        assert card.data.base_model == metadata and f"Post-trained with Continuous AFM {text}." in card.text

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers_afm import (
     AdversarialFlowTransformer2DModel,
     AFMPipeline,
+    FlowHeunScheduler,
     FlowMatchingTransformer2DModel,
     JiTTransformer2DModel,
     export_standalone,
@@ -28,14 +29,19 @@ ID2LABEL = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "crane"}
 CALLS = {
     "latent_1nfe": dict(class_labels=["tench", 2, 1], num_images_per_label=2, output_type="np"),
     "pixel_2nfe_unconditional": dict(batch_size=3, output_type="np"),
-    # A flow-matching model (what Continuous AFM post-trains): Heun steps under classifier-free guidance.
-    "flow_heun_guided": dict(class_labels=[0, "crane"], num_inference_steps=3, solver="heun", guidance_scale=2.0,
-                             output_type="np"),
-    # JiT in pixel space: its own solver (the default), guidance inside JiT's interval, noise of scale 2.
+    # A flow-matching model (what Continuous AFM post-trains): its folder's scheduler is Heun
+    # (`FlowHeunScheduler`, ours, shipped as scheduler/scheduling_flow_heun.py), under classifier-free guidance.
+    "flow_heun_guided": dict(class_labels=[0, "crane"], num_inference_steps=3, guidance_scale=2.0, output_type="np"),
+    # The same folder with the `solver=` shorthand: Euler for this call.
+    "flow_heun_guided_solver_euler": dict(class_labels=[0, "crane"], num_inference_steps=3, solver="euler",
+                                          guidance_scale=2.0, output_type="np"),
+    # JiT in pixel space: its own sampler (the default scheduler), guidance inside JiT's interval, noise of scale 2.
     "jit_guided_interval": dict(class_labels=["tench", 1], num_inference_steps=4, guidance_scale=2.0,
                                 guidance_interval=(0.0, 0.6), output_type="np"),
 }
-CLASSES = {"flow_heun_guided": FlowMatchingTransformer2DModel, "jit_guided_interval": JiTTransformer2DModel}
+CLASSES = {"flow_heun_guided": FlowMatchingTransformer2DModel, "flow_heun_guided_solver_euler": FlowMatchingTransformer2DModel,
+           "jit_guided_interval": JiTTransformer2DModel}
+FOLDER = {"flow_heun_guided_solver_euler": "flow_heun_guided"}  # calls that sample a folder of another call
 
 # Runs in a fresh interpreter in which `import diffusers_afm` fails, as on a machine without it.
 STANDALONE_SCRIPT = textwrap.dedent(
@@ -59,12 +65,14 @@ STANDALONE_SCRIPT = textwrap.dedent(
     from diffusers import DiffusionPipeline
 
     root, calls = sys.argv[1], json.loads(sys.argv[2])
+    FOLDER = {"flow_heun_guided_solver_euler": "flow_heun_guided"}
     for name, call in calls.items():
-        pipe = DiffusionPipeline.from_pretrained(os.path.join(root, name), trust_remote_code=True)
+        pipe = DiffusionPipeline.from_pretrained(os.path.join(root, FOLDER.get(name, name)), trust_remote_code=True)
         pipe.set_progress_bar_config(disable=True)
         images = pipe(**call, generator=torch.Generator().manual_seed(7)).images
         np.save(os.path.join(root, name + ".npy"), images)
-        print(name, type(pipe).__module__, type(pipe.transformer).__module__)
+        scheduler = pipe.scheduler and type(pipe.scheduler).__module__ + "." + type(pipe.scheduler).__name__
+        print(name, type(pipe).__module__, type(pipe.transformer).__module__, scheduler)
     # The model card's snippet, as a user would paste it.
     os.chdir(root)
     exec(open(os.path.join(root, "snippet.py")).read())
@@ -88,12 +96,14 @@ def _folders(root, vae_dir):
     for key in ("use_timestep_src", "use_timestep_tgt", "depth_repeat", "prediction_type", "nfe"):
         flow.pop(key, None)
     velocity_model = randomize_(FlowMatchingTransformer2DModel(**flow, class_dropout_prob=0.1))
-    AFMPipeline(velocity_model.eval(), id2label=ID2LABEL).save_pretrained(root / "flow_heun_guided")
+    heun = FlowHeunScheduler()
+    AFMPipeline(velocity_model.eval(), scheduler=heun, id2label=ID2LABEL).save_pretrained(root / "flow_heun_guided")
     jit = randomize_(JiTTransformer2DModel(sample_size=16, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
                                            bottleneck_dim=8, in_context_len=2, in_context_start=1, num_classes=3, noise_scale=2.0))
     AFMPipeline(jit.eval(), id2label=ID2LABEL).save_pretrained(root / "jit_guided_interval")
     for name in CALLS:
-        export_standalone(str(root / name))
+        if name not in FOLDER:
+            export_standalone(str(root / name))
 
 
 def test_exported_folder_loads_without_diffusers_afm_bit_for_bit(tmp_path, tiny_vae_dir):
@@ -109,15 +119,21 @@ def test_exported_folder_loads_without_diffusers_afm_bit_for_bit(tmp_path, tiny_
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "latent_1nfe diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_afm" in result.stdout
     assert "Expected types" not in result.stderr  # diffusers' type check accepted the generated classes
 
-    assert "flow_heun_guided diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_flow" in result.stdout
-    assert "jit_guided_interval diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_jit" in result.stdout
+    # The schedulers: ours from the folder's scheduler/ file, diffusers' from diffusers, none for x-prediction.
+    heun = "diffusers_modules.local.scheduling_flow_heun.FlowHeunScheduler"
+    euler = "diffusers.schedulers.scheduling_flow_match_euler_discrete.FlowMatchEulerDiscreteScheduler"
+    assert f"flow_heun_guided diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_flow {heun}" in result.stdout
+    assert f"jit_guided_interval diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_jit {heun}" in result.stdout
+    assert f"pixel_2nfe_unconditional diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_afm {euler}" in result.stdout
+    assert "latent_1nfe diffusers_modules.local.pipeline_afm diffusers_modules.local.transformer_afm None" in result.stdout
     for name, call in CALLS.items():
-        ours = AFMPipeline.from_pretrained(tmp_path / name)
+        ours = AFMPipeline.from_pretrained(tmp_path / FOLDER.get(name, name))
         expected_class = CLASSES.get(name, AdversarialFlowTransformer2DModel)
         assert type(ours) is AFMPipeline and type(ours.transformer) is expected_class
+        if expected_class is not AdversarialFlowTransformer2DModel:  # the exported scheduler file read onto ours
+            assert type(ours.scheduler) is FlowHeunScheduler
         ours.set_progress_bar_config(disable=True)
         expected = ours(**call, generator=torch.Generator().manual_seed(7)).images
         assert np.array_equal(np.load(tmp_path / f"{name}.npy"), expected), name
@@ -155,6 +171,9 @@ def test_generated_files_are_our_sources():
                 assert inspect.getsource(obj) in files["transformer/transformer_afm.py"], obj
     pipeline_file = files["pipeline_afm.py"]
     assert inspect.getsource(pipeline_afm.AFMPipeline.__call__) in pipeline_file
+    assert inspect.getsource(FlowHeunScheduler) in pipeline_file  # the pipeline makes a kind's default itself
+    scheduler_file = standalone_files("JiTTransformer2DModel", "FlowHeunScheduler")["scheduler/scheduling_flow_heun.py"]
+    assert inspect.getsource(FlowHeunScheduler) in scheduler_file
     assert inspect.getsource(pipeline_afm.class_grid) in pipeline_file
     # What only the installed class does (read an exported folder onto the installed code) is left out.
     assert "_dict_from_json_file" not in pipeline_file

@@ -19,6 +19,7 @@ from .models import (
     preset_config,
 )
 from .pipelines import AFMPipeline, export_standalone
+from .schedulers import FlowHeunScheduler
 
 # `DiffusionPipeline.from_pretrained` looks the `_class_name` of model_index.json up on the diffusers
 # module itself, so after `import diffusers_afm` it finds "AFMPipeline" there, and the folders we
@@ -33,6 +34,7 @@ __all__ = [
     "AdversarialFlowJiTDiscriminator",
     "AdversarialFlowTransformer2DModel",
     "AdversarialFlowZImageDiscriminator",
+    "FlowHeunScheduler",
     "FlowMatchingTransformer2DModel",
     "JiTTransformer2DModel",
     "export_standalone",

@@ -105,13 +105,45 @@ def _num_parameters(subfolder: str) -> int:
 
 
 def _is_hub_dataset(dataset: str) -> bool:
-    if os.path.exists(dataset):
-        return False
+    return not os.path.exists(dataset) and _is_hub_id(dataset)
+
+
+def hub_model_id(model: Optional[str]) -> Optional[str]:
+    """The Hub id of a model given as an id or a local folder, for a card's `base_model` metadata,
+    which the Hub accepts only as the id of a model repository: an id as it is; a folder in the
+    Hugging Face cache (`models--org--name/snapshots/<commit>`) as `org/name`; a folder that names
+    the Hub model it was loaded from (`_name_or_path` in its `model_index.json`, as diffusers'
+    `save_pretrained` writes after a `from_pretrained` from the Hub) as that id; other local
+    folders (a run trained here) have none."""
+    if not model:
+        return None
+    if not os.path.exists(model):
+        return model if _is_hub_id(model) else None
+    parts = os.path.abspath(model).split(os.sep)
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/", 1)
+    index = os.path.join(model, "model_index.json")
+    source = _read_json(index).get("_name_or_path") if os.path.isfile(index) else None
+    return source if isinstance(source, str) and not os.path.exists(source) and _is_hub_id(source) else None
+
+
+def _is_hub_id(name: str) -> bool:
     try:
-        validate_repo_id(dataset)
+        validate_repo_id(name)
     except HFValidationError:
         return False
     return True
+
+
+def _base_model_text(base_model: Optional[str], cafm: bool) -> str:
+    """Where training started, for the card's text: the Hub id, or a local folder's name (which the
+    metadata cannot carry)."""
+    if not base_model:
+        return ""
+    hub_id = hub_model_id(base_model)
+    name = f"`{hub_id}`" if hub_id else f"the local model `{os.path.basename(os.path.normpath(base_model))}`"
+    return f" Post-trained with Continuous AFM from {name}." if cafm else f" Training started from {name}."
 
 
 def _is_flow(index: dict) -> str:
@@ -127,10 +159,10 @@ def _snippet(repo_id: str, config: dict, standalone: bool, flow: str = "") -> st
         sampling = ""
         if flow:
             guidance = ", guidance_scale=1.5" if config.get("class_dropout_prob", 0) > 0 else ""
-            if flow == JIT_MODEL_CLASS:  # JiT's own solver is the default; it guides inside its CFG interval
+            if flow == JIT_MODEL_CLASS:  # JiT's own sampler is its scheduler; it guides inside its CFG interval
                 sampling = f", num_inference_steps=50{guidance}{', guidance_interval=(0.0, 0.9)' if guidance else ''}"
             else:
-                sampling = f", num_inference_steps=50, solver=\"heun\"{guidance}"
+                sampling = f", num_inference_steps=50{guidance}"
         call = f"pipe(class_labels={labels}{sampling}, generator=torch.Generator().manual_seed(0)).images"
     else:
         call = "pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images"
@@ -143,7 +175,8 @@ def _snippet(repo_id: str, config: dict, standalone: bool, flow: str = "") -> st
     return f'import torch\n{head}{load}\nimages = {call}\nimages[0].save("sample.png")'
 
 
-def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], description: Optional[str]) -> str:
+def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], description: Optional[str],
+             base_model: str = "") -> str:
     num_classes = config["num_classes"]
     kind = f"class-conditional ({num_classes} classes)" if num_classes > 1 else "unconditional"
     size = config["sample_size"]
@@ -156,8 +189,8 @@ def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], des
     count = f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
     if _is_flow(index):
         text = (
-            f"A {kind} flow-matching velocity model that samples with an ODE solver (Euler or Heun, any number of "
-            f"steps) {space}; {count} parameters, made with [diffusers-afm]({PROJECT_URL})."
+            f"A {kind} flow-matching velocity model that samples with an ODE solver, its scheduler (Euler or Heun, "
+            f"any number of steps) {space}; {count} parameters, made with [diffusers-afm]({PROJECT_URL})."
         )
     else:
         nfe = config["nfe"]
@@ -169,6 +202,7 @@ def _summary(config: dict, index: dict, folder: str, dataset: Optional[str], des
         )
     if dataset:
         text += f" Trained on `{dataset}`."
+    text += base_model
     if description:
         text += f" {description}"
     return text
@@ -178,11 +212,14 @@ def _sampling_note(config: dict, flow: str = "") -> str:
     if flow:
         guidance = ("`guidance_scale` > 1 applies classifier-free guidance through the null class (1 = none)."
                     if config.get("class_dropout_prob", 0) > 0 else "It has no null class, so no classifier-free guidance.")
+        swap = "`pipe.scheduler = FlowHeunScheduler.from_config(pipe.scheduler.config{})` (`from diffusers_afm import FlowHeunScheduler`)"
         if flow == JIT_MODEL_CLASS:
-            return ("The default `solver` is JiT's own, 'heun_final_euler' (Heun steps, the last one Euler); 'euler' and "
-                    f"'heun' work too. {guidance} JiT's evaluation: 50 steps, `guidance_interval=(0.0, 0.9)` and "
-                    "`guidance_scale` 3.0 (B), 2.4 / 2.5 (L/16, L/32), 2.2 / 2.3 (H/16, H/32).")
-        return f"`solver` is 'euler' (default) or 'heun' (two model calls per step). {guidance}"
+            return ("The scheduler (`scheduler/`) is JiT's own sampler, `FlowHeunScheduler(final_euler_step=True)` (Heun "
+                    f"steps, the last one Euler); for Heun at every step, {swap.format(', final_euler_step=False')}, and "
+                    f"diffusers' `FlowMatchEulerDiscreteScheduler` for Euler. {guidance} JiT's evaluation: 50 steps, "
+                    "`guidance_interval=(0.0, 0.9)` and `guidance_scale` 3.0 (B), 2.4 / 2.5 (L/16, L/32), 2.2 / 2.3 (H/16, H/32).")
+        return ("The scheduler (`scheduler/`) is diffusers' `FlowMatchEulerDiscreteScheduler` (Euler); for Heun (two model "
+                f"calls per step), {swap.format('')}. {guidance}")
     steps = "Pass any `num_inference_steps` (default 1). " if config["nfe"] is None else ""
     labels = "Class names work as labels too (`pipe.labels` lists them). " if config["num_classes"] > 1 else ""
     return (
@@ -208,7 +245,8 @@ def make_model_card(
 
     Args:
         repo_id: the name the snippets load (a Hub id or a path); defaults to the folder's name.
-        base_model: Hub id of the weights training started from.
+        base_model: the weights training started from: a Hub id, or a local folder (the metadata
+            gets its Hub id where one can be told, `hub_model_id`; the text names it either way).
         dataset: the training data; a Hub dataset id also goes into the metadata, a local path
             only into the text.
         training_settings: the resolved training flags; a card with them is tagged
@@ -230,7 +268,7 @@ def make_model_card(
 
     card_data = ModelCardData(
         license=license,
-        base_model=base_model,
+        base_model=hub_model_id(base_model),
         datasets=[dataset] if dataset and _is_hub_dataset(dataset) else None,
         metrics=sorted(metrics) if metrics else None,
         pipeline_tag=None if conditional else "unconditional-image-generation",
@@ -239,7 +277,7 @@ def make_model_card(
         card_data,
         template_str=CARD_TEMPLATE,
         model_name=repo_id.rstrip("/").rsplit("/", 1)[-1],
-        summary=_summary(config, index, folder, dataset, description),
+        summary=_summary(config, index, folder, dataset, description, _base_model_text(base_model, cafm)),
         sample_grid=sample_grid,
         project_url=PROJECT_URL,
         paper_url=PAPER_URL,
@@ -313,11 +351,10 @@ def save_text_to_image_model_card(folder: str, *, repo_id: Optional[str] = None,
     if sample_grid is not None and not os.path.isfile(os.path.join(folder, sample_grid)):
         raise FileNotFoundError(f"`sample_grid`: no file {sample_grid!r} in {folder!r}.")
     repo_id = repo_id or os.path.basename(os.path.abspath(folder))
-    card_data = ModelCardData(license=license, base_model=base_model, pipeline_tag="text-to-image",
+    card_data = ModelCardData(license=license, base_model=hub_model_id(base_model), pipeline_tag="text-to-image",
                               datasets=[dataset] if dataset and _is_hub_dataset(dataset) else None)
     summary = (f"A text-to-image Z-Image model post-trained with Continuous Adversarial Flow Models"
-               f"{f' from `{base_model}`' if base_model else ''}{f' on {dataset}' if dataset else ''}. "
-               f"{description or ''}").strip()
+               f"{f' on {dataset}' if dataset else ''}.{_base_model_text(base_model, cafm=True)} {description or ''}").strip()
     card = ModelCard.from_template(
         card_data, template_str=TEXT_TO_IMAGE_TEMPLATE, model_name=repo_id.rstrip("/").rsplit("/", 1)[-1],
         summary=summary, sample_grid=sample_grid, repo_id=repo_id, project_url=PROJECT_URL, cafm_paper_url=CAFM_PAPER_URL,
@@ -411,6 +448,7 @@ __all__ = [
     "create_hub_repo",
     "default_hub_model_id",
     "download_pretrained",
+    "hub_model_id",
     "make_model_card",
     "save_model_card",
     "save_pipeline_folder",

@@ -2,6 +2,7 @@
 parsing the flags that several scripts share."""
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -19,24 +20,106 @@ def _umask() -> int:
     return mask
 
 
+def apply_umask(path: str) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes the user's umask asks for.
+
+    Writers we do not control create private files (safetensors writes weights 0600, `mkdtemp`
+    folders are 0700); a pipeline or checkpoint must be readable by whoever the umask admits (a
+    shared cluster, a served folder), like the configs written beside them with `open`."""
+    mask = _umask()
+    if not os.path.isdir(path):
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+# ----------------------------------------------------------------------------- write errors
+# How libraries word a failed write when they raise something other than an `OSError`: safetensors'
+# `SafetensorError` ("I/O error: No space left on device (os error 28)"), torch.save's `RuntimeError`
+# ("PytorchStreamWriter failed writing file", "basic_ios::clear: iostream error", "[enforce fail at
+# inline_container.cc] unexpected pos" on a real full disk).
+_WRITE_WORDS = ("No space left", "Disk quota", "os error 28", "os error 122", "StorageFull", "Read-only file system",
+                "Permission denied", "PytorchStreamWriter", "file write failed", "iostream error", "inline_container")
+
+
+def write_failure(err: BaseException, folder: str, size: Optional[int] = None) -> Optional[str]:
+    """What went wrong, as "the disk is full (<the library's words>); N MiB are free in <folder>" or
+    "writing failed (...)", when `err` is a failed write, whichever library raised it; None otherwise
+    (a bug keeps its traceback).
+
+    `size`, when known, is what the write needed: an error in which less than that is free in
+    `folder` is taken for a full disk whatever its wording."""
+    import errno
+
+    text = str(err).strip()
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    short = size is not None and free is not None and free < size
+    if not (isinstance(err, OSError) or any(word in text for word in _WRITE_WORDS) or short):
+        return None
+    full = (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or short
+            or any(word in text for word in ("No space left", "Disk quota", "os error 28", "os error 122", "StorageFull")))
+    detail = getattr(err, "strerror", None) or (text.splitlines()[-1][:200] if text else "no message")
+    room = f"; {free / 2**20:.1f} MiB are free in {folder}" if free is not None else ""
+    return f"{'the disk is full' if full else 'writing failed'} ({type(err).__name__}: {detail}){room}"
+
+
+def _existing_parent(path: str) -> str:
+    while path and not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path or "."
+
+
+@contextmanager
+def write_errors(path: str):
+    """Turn a failed write inside the block into one `WriteError` line naming `path`, the cause
+    and the free space; any other error passes through unchanged."""
+    try:
+        yield
+    except Exception as err:
+        cause = None if isinstance(err, RunStopped) else write_failure(
+            err, _existing_parent(os.path.dirname(os.path.abspath(path))))
+        if cause is None:
+            raise
+        raise WriteError(f"Writing {path} failed, {cause}; {path} is as it was before") from err
+
+
+# ----------------------------------------------------------------------------- atomic writers
+# Names of the temporaries the writers below leave beside their target if the process dies
+# (`remove_stale_temporaries` removes them): `.<name>.tmp-XXXX`, `.<name>.old-XXXX`, `.save-XXXX`.
+_TMP, _OLD, _SAVE = ".tmp-", ".old-", ".save-"
+
+
 @contextmanager
 def atomic_directory(path: str):
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
     A crash while writing leaves `path` as it was (the temporary folder is removed), so a reader
-    never sees a half-written pipeline or checkpoint.
+    never sees a half-written pipeline or checkpoint. A failed write (a full disk, whichever library
+    raised it) is one `WriteError` line; the files get the user's umask.
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_path(tmp, path)
+    tmp = None
+    with write_errors(path):
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}{_TMP}", dir=parent)
+            yield tmp
+            apply_umask(tmp)  # mkdtemp makes it private, safetensors its files; the result should not be
+        except BaseException:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_path(tmp, path)
 
 
 def replace_path(src: str, dst: str) -> None:
@@ -46,7 +129,7 @@ def replace_path(src: str, dst: str) -> None:
     """
     if os.path.isdir(dst) and not os.path.islink(dst):
         parent = os.path.dirname(os.path.abspath(dst))
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}{_OLD}", dir=parent)
         os.rmdir(old)
         os.replace(dst, old)
         os.replace(src, dst)
@@ -63,21 +146,24 @@ def atomic_save_pretrained(obj, path: str, **kwargs) -> None:
 
 @contextmanager
 def atomic_file(path: str, mode: str = "wb"):
-    """Open a temporary file beside `path`; it replaces `path` only when the block succeeds."""
+    """Open a temporary file beside `path`; it replaces `path` only when the block succeeds (a
+    failed write is one `WriteError` line, and `path` is as it was)."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o666 & ~_umask())
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    tmp = None
+    with write_errors(path):
+        try:
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{_TMP}", dir=parent)
+            apply_umask(tmp)  # mkstemp makes it private
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def save_image(image, path: str) -> None:
@@ -92,11 +178,39 @@ def save_pretrained_into(obj, folder: str, last: str) -> None:
     Written to a temporary folder inside `folder`, then moved in one rename per file or subfolder;
     `last` (the file a loader reads first, e.g. `model_index.json`) moves once everything else is in place.
     """
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".save-") as tmp:
-        obj.save_pretrained(tmp, safe_serialization=True)
-        for name in sorted(os.listdir(tmp), key=lambda n: n == last):
-            replace_path(os.path.join(tmp, name), os.path.join(folder, name))
+    with write_errors(folder):
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=_SAVE) as tmp:
+            obj.save_pretrained(tmp, safe_serialization=True)
+            apply_umask(tmp)  # safetensors writes its files 0600
+            for name in sorted(os.listdir(tmp), key=lambda n: n == last):
+                replace_path(os.path.join(tmp, name), os.path.join(folder, name))
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Remove what the writers above leave in `folder` when a process dies while writing (call only
+    when no other process writes there: a run holds its output folder's lock).
+
+    A folder renamed aside by `replace_path` (`.<name>.old-*`) whose replacement never arrived is
+    renamed back: it is the only copy of `<name>`."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not name.startswith("."):
+            continue
+        if _OLD in name:
+            original = os.path.join(folder, name[1:name.index(_OLD)])
+            if not os.path.exists(original):
+                os.replace(path, original)
+                continue
+        # `.checkpoint-<step>.tmp` / `.old` (training.checkpoint) and other `.<name>.tmp` end so.
+        elif not (_TMP in name or name.startswith(_SAVE) or name.endswith((".tmp", ".old"))):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def distributed_state():
@@ -116,6 +230,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 class RunStopped(RuntimeError):
     """A run that stops for a reason the user can act on (a damaged checkpoint, a full disk, a diverged
     loss, unusable data); the message is one line, and the trainers print it without a traceback."""
+
+
+class WriteError(RunStopped):
+    """A write that failed (a full disk, a read-only folder), whichever library raised it; one line
+    naming the path, the cause and the free space. The target is left as it was."""
 
 
 class FlagValueError(ValueError, argparse.ArgumentTypeError):
@@ -189,6 +308,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" else "float32"
     return DTYPES[name]
+
+
+def check_finite_weights(components: dict, folder: str) -> None:
+    """A `ValueError` naming the component, the tensor and its file when a loaded model holds NaN or
+    Inf weights (or buffers); `components` maps names to models (a pipeline's `components`)."""
+    import glob
+
+    for name, module in components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for key, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+                kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+                files = sorted(glob.glob(os.path.join(folder, name, "diffusion_pytorch_model*")))
+                where = files[0] if len(files) == 1 else os.path.join(folder, name)
+                raise ValueError(f"{where} holds non-finite weights ({kind} in `{key}`); it would sample black "
+                                 "images. Export the model again from a checkpoint that verifies.")
 
 
 def explain_load_error(err: Exception, folder: str) -> Optional[Exception]:

@@ -48,6 +48,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(
         prog="afm-convert",
+        allow_abbrev=False,  # `--check` must not quietly mean `--checkpoint`
         description=__doc__,
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
     )
@@ -125,32 +126,31 @@ def _load_class_names(args: argparse.Namespace, num_classes: int) -> Optional[Di
         raise FlagValueError(f"`--class_names` {args.class_names!r} is not a JSON object {{id: name}} ({load_error_reason(err)}).") from None
 
 
+def _load_vae(args: argparse.Namespace):
+    """`--vae` (default: the SD-VAE; none for JiT), or None for a pixel-space model."""
+    args.vae = args.vae or ("none" if args.format == "jit" else DEFAULT_VAE)
+    if args.vae.lower() == "none":
+        return None
+    from diffusers import AutoencoderKL
+
+    subfolder = "vae" if os.path.isdir(os.path.join(args.vae, "vae")) else None
+    try:
+        return AutoencoderKL.from_pretrained(args.vae, subfolder=subfolder)
+    except (OSError, ValueError) as err:  # not a folder, not on the Hub, or offline and not cached
+        raise FlagValueError(
+            f"`--vae` {args.vae!r} cannot be loaded ({load_error_reason(err)}); pass a local VAE folder, a Hub id "
+            "(online or cached), or 'none' for a pixel-space model."
+        ) from None
+
+
 def convert(args: argparse.Namespace) -> str:
     """Run a conversion from parsed flags; returns the output folder."""
     from ..hub import save_model_card
     from ..pipelines import AFMPipeline, export_standalone
 
     _check_flags(args)
-    vae = None
-    args.vae = args.vae or ("none" if args.format == "jit" else DEFAULT_VAE)
-    if args.vae.lower() != "none":
-        from diffusers import AutoencoderKL
-
-        subfolder = "vae" if os.path.isdir(os.path.join(args.vae, "vae")) else None
-        try:
-            vae = AutoencoderKL.from_pretrained(args.vae, subfolder=subfolder)
-        except (OSError, ValueError) as err:  # not a folder, not on the Hub, or offline and not cached
-            raise FlagValueError(
-                f"`--vae` {args.vae!r} cannot be loaded ({load_error_reason(err)}); pass a local VAE folder, a Hub id "
-                "(online or cached), or 'none' for a pixel-space model."
-            ) from None
-    repo_id = None
-    if args.push_to_hub:
-        from huggingface_hub import create_repo
-
-        # Before the conversion, so that a missing token or a taken name fails first.
-        repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True).repo_id
-
+    # 1. The checkpoint, read (safely) and checked against the model first: a missing, damaged or
+    #    foreign file is reported as such, whatever the VAE (which may not even be reachable offline).
     if args.format == "jit":
         from .jit import load_jit_checkpoint
 
@@ -176,7 +176,17 @@ def convert(args: argparse.Namespace) -> str:
     except ValueError as err:
         raise CheckpointError(f"`--checkpoint` {args.checkpoint!r}: {err}") from None
     if args.dtype != "float32":
+        import torch
+
         transformer = transformer.to(getattr(torch, args.dtype))
+    # 2. The VAE, 3. the Hub repository (before anything is written, so that a missing token or a
+    #    taken name fails first)
+    vae = _load_vae(args)
+    repo_id = None
+    if args.push_to_hub:
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True).repo_id
     num_classes = transformer.config.num_classes
     id2label = _load_class_names(args, num_classes)
     dataset = args.dataset or (IMAGENET_DATASET if args.class_names == "imagenet" and num_classes == 1000 else None)

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..utils import RunStopped
-from .images import ImageTransform, decode_image, load_image_dataset, missing_column_error, random_flip
+from .images import ImageTransform, load_image_dataset, load_pixels, missing_column_error, random_flip
 from .training_data import make_dataloader, random_subset
 
 logger = logging.getLogger(__name__)
@@ -63,10 +63,7 @@ def prepare_captioned_dataset(dataset, image_column: str, caption_column: str, t
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
 
     def preprocess(examples: Dict[str, list]) -> Dict[str, list]:
-        pixels = []
-        for value in examples[image_column]:
-            image, _ = decode_image(value)
-            pixels.append(transform(image) if image is not None else None)
+        pixels = [load_pixels(value, transform) for value in examples[image_column]]
         return {"pixel_values": pixels, "caption": examples[caption_column]}
 
     return dataset.with_transform(preprocess)

@@ -147,8 +147,40 @@ def infer_num_classes(dataset, label_column: Optional[str], num_classes: Optiona
     return num_classes
 
 
+# Modes whose samples are wider than 8 bits, with the value that is white: PIL's own conversion to
+# "L" or "RGB" clips them at 255 (a 16-bit ramp would become white), so they are scaled to [0, 1] as
+# 32-bit floats ("F") instead, and resized in that mode. "I" (32-bit integers) is read as 16-bit,
+# the range PIL gives it for 16-bit files; "F" must already be in [0, 1]. Anything outside the
+# range is refused, since its meaning cannot be guessed.
+WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+class ImageModeError(ValueError):
+    """An image whose mode or values cannot be mapped to the model's range."""
+
+
+def to_model_mode(image: PIL.Image.Image, mode: str) -> Tuple[PIL.Image.Image, float]:
+    """`(image, white)`: `image` in `mode` ("L" or "RGB", 8-bit, white = 255) or, for `WIDE_MODES`,
+    in "F" scaled to [0, 1] (white = 1; one channel, repeated for "RGB" by the caller). Palette,
+    alpha, CMYK and bilevel images go through PIL's conversion, which keeps their 8-bit range."""
+    if image.mode in WIDE_MODES:
+        white = WIDE_MODES[image.mode]
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > white):
+            raise ImageModeError(f"mode {image.mode!r} with values in [{values.min():g}, {values.max():g}], outside "
+                                 f"0..{white:g}: its range is unknown")
+        return PIL.Image.fromarray((values / white).astype(np.float32)), 1.0
+    try:
+        return image.convert(mode), 255.0
+    except (ValueError, OSError) as err:  # PIL has no conversion for some modes (LAB, HSV to RGB, ...)
+        raise ImageModeError(f"mode {image.mode!r} cannot be converted to {mode} ({err})") from None
+
+
 class ImageTransform:
     """PIL image -> float32 (C, H, W) tensor in [-1, 1]: shorter side resized, then a square crop.
+
+    Every mode keeps its range: 8-bit modes through PIL's conversion, 16-bit and float modes
+    (`WIDE_MODES`) scaled from their own range; a mode that cannot be mapped raises `ImageModeError`.
 
     Args:
         resolution: output side.
@@ -162,7 +194,7 @@ class ImageTransform:
         self.resolution, self.center_crop, self.mode = resolution, center_crop, mode
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        image = image.convert(self.mode)
+        image, white = to_model_mode(image, self.mode)
         width, height = image.size
         scale = self.resolution / min(width, height)
         if scale != 1:
@@ -175,9 +207,11 @@ class ImageTransform:
             left = int(np.random.randint(0, width - self.resolution + 1))
             top = int(np.random.randint(0, height - self.resolution + 1))
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        array = np.asarray(image, dtype=np.float32) * np.float32(2.0 / white) - 1.0
         if array.ndim == 2:
             array = array[:, :, None]
+        if array.shape[2] == 1 and self.mode == "RGB":  # a wide grey image for an RGB model
+            array = np.repeat(array, 3, axis=2)
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
@@ -196,14 +230,24 @@ def decode_image(value) -> Tuple[Optional[PIL.Image.Image], str]:
         return None, name
 
 
+def load_pixels(value, transform: ImageTransform) -> Optional[torch.Tensor]:
+    """An undecoded `datasets.Image` value through `transform`, or None (with a warning naming the
+    file) when it cannot be read or its mode cannot be mapped to the model's range."""
+    image, name = decode_image(value)
+    if image is None:
+        return None
+    try:
+        return transform(image)
+    except ImageModeError as err:
+        logger.warning("Skipping image %s: %s", name, err)
+        return None
+
+
 def make_preprocess(image_column: str, label_column: Optional[str], transform: ImageTransform):
     """A `dataset.with_transform` function: decode, transform, and mark unreadable images as None."""
 
     def preprocess(examples: Dict[str, list]) -> Dict[str, list]:
-        pixel_values = []
-        for value in examples[image_column]:
-            image, _ = decode_image(value)
-            pixel_values.append(transform(image) if image is not None else None)
+        pixel_values = [load_pixels(value, transform) for value in examples[image_column]]
         count = len(pixel_values)
         labels = examples[label_column] if label_column in examples else [0] * count
         return {"pixel_values": pixel_values, "class_labels": labels}

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..utils import FlagValueError, atomic_file
+from ..utils import FlagValueError, RunStopped, atomic_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -73,6 +73,34 @@ def plan_batches(num_samples: int, batch_size: int, process_index: int = 0, num_
     return [range(start, min(start + batch_size, num_samples)) for start in starts]
 
 
+def pipeline_fingerprint(folder: PathLike) -> str:
+    """SHA-256 of what `from_pretrained` reads from a pipeline folder: `model_index.json` and every
+    file of the components it names (weights and configs), by relative path.
+
+    Samples are tied to this, not to the folder's name: a folder whose weights were replaced (another
+    run exported into it, a new download) gives another fingerprint."""
+    import hashlib
+    import json
+
+    folder = os.fspath(folder)
+    index = os.path.join(folder, "model_index.json")
+    with open(index) as f:
+        components = sorted(k for k, v in json.load(f).items()
+                            if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None)
+    files = ["model_index.json"] + sorted(
+        os.path.relpath(os.path.join(root, name), folder)
+        for component in components for root, _, names in os.walk(os.path.join(folder, component)) for name in names
+        if not name.startswith("."))
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(rel.encode() + b"\0")
+        with open(os.path.join(folder, rel), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def to_uint8_rgb(images: np.ndarray) -> np.ndarray:
     """float (N, H, W, C) in [0, 1] -> uint8 (N, H, W, 3), rounded as PIL images from a pipeline are;
     grey images (C = 1) are repeated to three channels, as the Inception network expects RGB."""
@@ -104,6 +132,11 @@ def generate_images(
         generator=generators,
         output_type="np",
     ).images
+    if not np.isfinite(images).all():
+        # NaN would become 0 in uint8: black images that an FID run would then score.
+        bad = [int(indices[k]) for k in range(len(images)) if not np.isfinite(images[k]).all()]
+        raise RunStopped(f"samples {bad[:5]}{' ...' if len(bad) > 5 else ''} are not finite (NaN or Inf): the model's "
+                         "output overflowed (try --dtype float32) or its weights are damaged; nothing was written for them")
     return to_uint8_rgb(images)
 
 

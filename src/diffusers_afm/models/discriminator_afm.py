@@ -29,9 +29,9 @@ from .modules import (
     AFMTimestepEmbedding,
     AFMTrunkMixin,
     as_batch_timesteps,
-    directional_derivative,
+    check_tangents,
     make_norm,
-    math_attention,
+    push_forward,
 )
 
 
@@ -53,14 +53,18 @@ class AFMTokenReadoutMixin(AFMTrunkMixin):
     def _readout(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         token = self.token.to(hidden_states.dtype).expand(hidden_states.shape[0], 1, -1)
         hidden_states = torch.cat([token, hidden_states], dim=1)  # (N, 1 + T, D)
-        hidden_states = self._run_blocks(hidden_states, temb)
-        # The read-out runs in fp32 even under autocast: the approximated R1/R2 takes differences of
-        # nearby logits, which bf16's 8-bit mantissa would round away.
+        return self._read_token(self._run_blocks(hidden_states, temb))
+
+    def _read_token(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`norm_out` + `proj_out` of the token (the first position) after the blocks: (N, out_features).
+
+        The read-out runs in fp32 even under autocast: the approximated R1/R2 takes differences of
+        nearby logits, which bf16's 8-bit mantissa would round away."""
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # fp32, or fp64 when the model is
         token = hidden_states[:, 0].to(dtype)
         bias = self.proj_out.bias.to(dtype) if self.proj_out.bias is not None else None
         with torch.autocast(device_type=token.device.type, enabled=False):
-            return F.linear(self.norm_out(token), self.proj_out.weight.to(dtype), bias)  # (N, out_features)
+            return F.linear(self.norm_out(token), self.proj_out.weight.to(dtype), bias)
 
 
 class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMTokenReadoutMixin):
@@ -204,20 +208,37 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         self.load_state_dict(shared, strict=False)
 
     def _logits_jvp(self, hidden_states, class_labels, timestep, tangents):
+        """`(D, dD)`, the tangents pushed through the network stage by stage: the patch embedding, the
+        conditioning (the class row is constant, the time embedding moves with `dt`), the token (a
+        constant), each block (`AFMTransformerBlock` takes the JVP inside its forward, so gradient
+        checkpointing and FSDP2's per-block hooks run outside the transform), the read-out."""
         if not self.config.use_timestep:
             raise ValueError("`tangents` need a time-conditioned discriminator (`use_timestep=True`).")
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            # torch.utils.checkpoint's recomputation does not see the forward-mode tangents and fails
-            # its saved-tensor check; checkpointing the JVP would need a block-by-block JVP.
-            raise ValueError(
-                "Gradient checkpointing does not compose with the discriminator's JVP (`tangents=`): call "
-                "`disable_gradient_checkpointing()` on the discriminator (the generator may keep it)."
-            )
         dx, dt = tangents
         t = as_batch_timesteps(timestep, hidden_states.shape[0], hidden_states.device, "timestep")
-        dt = torch.as_tensor(dt, dtype=t.dtype, device=t.device)
-        with math_attention(self):
-            return directional_derivative(lambda x, time: self._logits(x, class_labels, time), hidden_states, t, dx, dt)
+        dx, dt, stacked = check_tangents(hidden_states, t, dx, torch.as_tensor(dt, dtype=t.dtype, device=t.device))
+        # 1. patches and positions
+        hidden_states, hidden_tangent = push_forward(self._embed_patches, (hidden_states,), (dx,), stacked)
+        # 2. conditioning: the table itself (LabelEmbedding.forward would drop labels in train mode)
+        labels = self.class_embedder.embedding_table(class_labels).to(hidden_states.dtype)
+        temb, temb_tangent = push_forward(lambda time: labels + self.time_embed(time, hidden_states.dtype), (t,), (dt,),
+                                          stacked)
+        # 3. the token, a constant: its tangent is zero
+        token = self.token.to(hidden_states.dtype).expand(hidden_states.shape[0], 1, -1)
+        hidden_states = torch.cat([token, hidden_states], dim=1)  # (N, 1 + T, D)
+        hidden_tangent = torch.cat([torch.zeros_like(hidden_tangent[..., :1, :]), hidden_tangent], dim=-2)
+        # 4. the blocks
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states, hidden_tangent = self._gradient_checkpointing_func(
+                    block, hidden_states, temb, hidden_tangent, temb_tangent, stacked)
+            else:
+                hidden_states, hidden_tangent = block(hidden_states, temb, hidden_tangent, temb_tangent, stacked)
+        # 5. the read-out
+        logits, derivative = push_forward(self._read_token, (hidden_states,), (hidden_tangent,), stacked)
+        # New tensors, not views of the read-out: FSDP2 warns about a module that returns a view (an
+        # in-place op on it would skip its backward hook).
+        return logits[..., 0].clone(), derivative[..., 0].clone()
 
     def _logits(self, hidden_states, class_labels, timestep) -> torch.Tensor:
         hidden_states = self._embed_patches(hidden_states)
@@ -226,7 +247,7 @@ class AdversarialFlowDiscriminator(ModelMixin, ConfigMixin, AttentionMixin, AFMT
         if self.config.use_timestep:
             t = as_batch_timesteps(timestep, hidden_states.shape[0], hidden_states.device, "timestep")
             temb = temb + self.time_embed(t, hidden_states.dtype)
-        return self._readout(hidden_states, temb).squeeze(-1)
+        return self._readout(hidden_states, temb)[:, 0].clone()  # a new tensor, not a view (as `_logits_jvp`)
 
 
 class AdversarialFlowClassifier(ModelMixin, ConfigMixin, AttentionMixin, AFMTokenReadoutMixin):

@@ -8,6 +8,7 @@ them the way the reference checkpoints expect.
 
 import contextlib
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -128,14 +129,20 @@ def directional_derivative(fn, hidden_states: torch.Tensor, timestep: torch.Tens
     the tangents, which is how the generator's velocity gets its gradient (docs/method.md,
     "Continuous AFM").
     """
+    dx, dt, stacked = check_tangents(hidden_states, timestep, dx, dt)
+    return push_forward(fn, (hidden_states, timestep), (dx, dt), stacked)
+
+
+def check_tangents(hidden_states: torch.Tensor, timestep: torch.Tensor, dx: torch.Tensor, dt: torch.Tensor):
+    """`(dx, dt, stacked)`: the tangents checked against the primals (one tangent shaped like them, or a
+    stack of K: `(K, *x.shape)`, `(K, *t.shape)`) and cast to their dtypes."""
     stacked = dx.ndim == hidden_states.ndim + 1
     if dx.shape[-hidden_states.ndim:] != hidden_states.shape or dx.ndim not in (hidden_states.ndim, hidden_states.ndim + 1):
         raise ValueError(f"`dx` must have shape {tuple(hidden_states.shape)} or (K, *that), got {tuple(dx.shape)}.")
     expected = dx.shape[:1] + timestep.shape if stacked else timestep.shape
     if tuple(dt.shape) != tuple(expected):
         raise ValueError(f"`dt` must have shape {tuple(expected)}, got {tuple(dt.shape)}.")
-
-    return push_forward(fn, (hidden_states, timestep), (dx.to(hidden_states.dtype), dt.to(timestep.dtype)), stacked)
+    return dx.to(hidden_states.dtype), dt.to(timestep.dtype), stacked
 
 
 def push_forward(fn, primals: tuple, tangents: tuple, stacked: bool):
@@ -199,7 +206,20 @@ class AFMTransformerBlock(nn.Module):
         self.norm2 = make_norm(norm_type, dim)
         self.ff = FeedForward(dim, inner_dim=int(dim * mlp_ratio), activation_fn="gelu-approximate")
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, hidden_tangent: Optional[torch.Tensor] = None,
+                temb_tangent: Optional[torch.Tensor] = None, stacked: bool = False):
+        """The block on `(hidden_states, temb)`; with tangents `(d hidden_states, d temb)` (a stack of
+        them when `stacked`), `(output, its JVP)` instead: the Continuous-AFM discriminator pushes its
+        tangents block by block. The JVP is taken inside this forward, so wrappers that hook the
+        block's call (FSDP2's parameter gathering, gradient checkpointing) run outside the transform."""
+        if hidden_tangent is None:
+            return self._block(hidden_states, temb)
+        # The math kernel is chosen here, not around the model: checkpointing re-runs this call in
+        # the backward pass, outside any outer context (fused kernels have no forward-mode AD).
+        with math_attention(self):
+            return push_forward(self._block, (hidden_states, temb), (hidden_tangent, temb_tangent), stacked)
+
+    def _block(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
         # addcmul(a, b, c) = a + b * c in one pass over memory (eager mode fuses nothing by itself).
         hidden_states = torch.addcmul(hidden_states, gate_msa.unsqueeze(1), self.attn(norm_hidden_states))

@@ -318,7 +318,7 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
     _no_split_modules = ["JiTTransformerBlock"]
     _repeated_blocks = ["JiTTransformerBlock"]
     _skip_layerwise_casting_patterns = ["patch_embed", "norm"]
-    # `AFMPipeline`'s solver when the call names none: JiT's own sampler (docs/cafm.md, "JiT").
+    # The sampler of `AFMPipeline`'s default scheduler for this model (`default_scheduler`): JiT's own (docs/cafm.md, "JiT").
     default_solver = "heun_final_euler"
 
     @register_to_config

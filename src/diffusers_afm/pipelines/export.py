@@ -3,8 +3,9 @@
 diffusers runs the code a folder ships when it is loaded with `trust_remote_code=True`:
 `model_index.json` names a pipeline file at the top of the folder (`_class_name: ["pipeline_afm",
 "AFMPipeline"]`) and, for a component, a file in the component's subfolder (`transformer:
-["transformer_afm", ...]` -> `transformer/transformer_afm.py`). diffusers copies each file on its own,
-so each must be self-contained.
+["transformer_afm", ...]` -> `transformer/transformer_afm.py`; a scheduler of ours, `scheduler:
+["scheduling_flow_heun", "FlowHeunScheduler"]` -> `scheduler/scheduling_flow_heun.py`). diffusers
+copies each file on its own, so each must be self-contained.
 
 The files are generated from this package's sources, never kept by hand: each module is copied as
 written, in dependency order, with the imports between our modules taken out (the names they
@@ -18,7 +19,7 @@ import json
 import os
 import re
 from types import ModuleType
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .. import __version__
 from ..utils import atomic_file
@@ -151,8 +152,17 @@ def _transformer_modules() -> Dict[str, ModuleType]:
             "JiTTransformer2DModel": transformer_jit}
 
 
-def standalone_files(transformer_class: str = "AdversarialFlowTransformer2DModel") -> Dict[str, str]:
-    """The generated files of an exported folder: relative path -> source."""
+def _scheduler_modules() -> Dict[str, ModuleType]:
+    """Our scheduler classes (a folder's diffusers schedulers need no code of ours) and their modules."""
+    from ..schedulers import scheduling_flow_heun
+
+    return {"FlowHeunScheduler": scheduling_flow_heun}
+
+
+def standalone_files(transformer_class: str = "AdversarialFlowTransformer2DModel",
+                     scheduler_class: Optional[str] = None) -> Dict[str, str]:
+    """The generated files of an exported folder: relative path -> source. `scheduler_class` names
+    the folder's scheduler when it is one of ours (it then gets `scheduler/<module>.py` too)."""
     from .. import flow
     from ..models import modules
     from . import pipeline_afm
@@ -160,10 +170,16 @@ def standalone_files(transformer_class: str = "AdversarialFlowTransformer2DModel
     transformer_module = _transformer_modules()[transformer_class]
     transformer_file = f"transformer/{_module_stem(transformer_module.__name__)}.py"
     pipeline_file = f"{_module_stem(pipeline_afm.__name__)}.py"
-    return {
+    # The pipeline makes its kind's default scheduler itself (a folder written before schedulers has none).
+    pipeline_modules = [flow, *_scheduler_modules().values(), pipeline_afm]
+    files = {
         transformer_file: standalone_source([flow, modules, transformer_module]),
-        pipeline_file: standalone_source([flow, pipeline_afm], provided=_PIPELINE_PROVIDED, dropped=_PIPELINE_DROPPED),
+        pipeline_file: standalone_source(pipeline_modules, provided=_PIPELINE_PROVIDED, dropped=_PIPELINE_DROPPED),
     }
+    if scheduler_class is not None:
+        scheduler_module = _scheduler_modules()[scheduler_class]
+        files[f"scheduler/{_module_stem(scheduler_module.__name__)}.py"] = standalone_source([scheduler_module])
+    return files
 
 
 def export_standalone(folder: str) -> List[str]:
@@ -193,15 +209,20 @@ def export_standalone(folder: str) -> List[str]:
     transformer_class = index["transformer"][1] if isinstance(index.get("transformer"), list) else None
     if transformer_class not in modules:
         raise ValueError(f"`export_standalone`: {index_path} has no transformer of the classes {sorted(modules)}.")
+    # A scheduler of ours ships its code too; diffusers' own load from diffusers.
+    scheduler_class = (index.get("scheduler") or [None, None])[1]
+    scheduler_class = scheduler_class if scheduler_class in _scheduler_modules() else None
 
     written = []
-    for relative, text in standalone_files(transformer_class).items():
+    for relative, text in standalone_files(transformer_class, scheduler_class).items():
         path = os.path.join(folder, relative)
         with atomic_file(path, "wb") as f:
             f.write(text.encode("utf-8"))
         written.append(path)
     index["_class_name"] = [_module_stem(pipeline_afm.__name__), "AFMPipeline"]
     index["transformer"] = [_module_stem(modules[transformer_class].__name__), transformer_class]
+    if scheduler_class is not None:
+        index["scheduler"] = [_module_stem(_scheduler_modules()[scheduler_class].__name__), scheduler_class]
     with atomic_file(index_path, "wb") as f:
         f.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     written.append(index_path)

@@ -8,10 +8,22 @@ AFM models take no `guidance_scale`: AFM has no classifier-free guidance to scal
 "guided" model had classifier guidance trained into its generator (docs/method.md, "Classifier
 guidance"), so guided and guidance-free models sample the same way, in one pass per step.
 
-Flow-matching models (`FlowMatchingTransformer2DModel`, and JiT's pixel-space
-`JiTTransformer2DModel`) integrate their ODE with `solver="euler"`, `"heun"` or `"heun_final_euler"`
-over any `num_inference_steps`, with classifier-free guidance (`guidance_scale`, 1 = off; JiT's
-`guidance_interval`) through their null class (docs/method.md, "Continuous AFM"; docs/cafm.md, "JiT").
+Sampling goes through the pipeline's `scheduler`, as in every diffusers pipeline: saved in
+`scheduler/`, swapped with `pipe.scheduler = OtherScheduler.from_config(pipe.scheduler.config)`.
+Each model kind's default computes the reference's rule (`diffusers_afm.flow`) to the bit, on the
+reference's grid `linspace(1, 0, N + 1)`, which the pipeline passes as `sigmas`:
+
+| model | default scheduler |
+|---|---|
+| `FlowMatchingTransformer2DModel` (SiT, CAFM) | diffusers' `FlowMatchEulerDiscreteScheduler` (Euler); `FlowHeunScheduler` for Heun |
+| `JiTTransformer2DModel` | `FlowHeunScheduler(final_euler_step=True)` (JiT's sampler) |
+| AFM, v-prediction (multi-step, any-step) | diffusers' `FlowMatchEulerDiscreteScheduler`: `x_t = x_s + (t - s) v` |
+| AFM, x-prediction (1 NFE, deep) | none: the generator's output is the sample |
+
+Flow-matching models take any `num_inference_steps` and classifier-free guidance (`guidance_scale`,
+1 = off; JiT's `guidance_interval`) through their null class (docs/method.md, "Continuous AFM";
+docs/cafm.md, "JiT"). A folder written before schedulers (no `scheduler/`) loads with its kind's
+default and samples the same images as before.
 
 Fast sampling on a GPU (docs/performance.md): load in bf16 (`dtype=torch.bfloat16`), put the VAE in
 channels-last (`pipe.vae.to(memory_format=torch.channels_last)`), and for 1-NFE sampling at a fixed
@@ -19,6 +31,7 @@ batch size capture the whole sample as a CUDA graph with `pipe.enable_cuda_graph
 """
 
 import difflib
+import inspect
 import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,9 +40,12 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..flow import check_guidance_interval, check_solver, guided_velocity, sample, solve_ode
+from ..flow import SOLVERS, check_guidance_interval, check_solver, guided_velocity, sample, sampling_timesteps
 from ..models import AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel, JiTTransformer2DModel
+from ..schedulers.scheduling_flow_heun import FlowHeunScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 ClassLabels = Union[int, str, List[Union[int, str]], torch.Tensor]
@@ -39,17 +55,61 @@ def _normalize_name(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").split())
 
 
-# Flow-matching models: the defaults of a call without `num_inference_steps` / `solver` (a model class
-# may name its own solver as `default_solver`: JiT's is its sampler's "heun_final_euler").
+# Flow-matching models: the step count of a call without `num_inference_steps`.
 DEFAULT_FLOW_STEPS = 50
-DEFAULT_FLOW_SOLVER = "euler"
 FLOW_MODEL_CLASSES = ("FlowMatchingTransformer2DModel", "JiTTransformer2DModel")
+# The `solver=` shorthand: each name and the scheduler it stands for (class, config overrides).
+SOLVER_SCHEDULERS = {
+    "euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "heun": (FlowHeunScheduler, {"final_euler_step": False}),
+    "heun_final_euler": (FlowHeunScheduler, {"final_euler_step": True}),
+}
 
 
 def is_flow_model(transformer) -> bool:
     """Whether the transformer is a flow-matching velocity model (by class name, so that the copies
     of an exported folder answer as the installed classes do)."""
     return type(transformer).__name__ in FLOW_MODEL_CLASSES
+
+
+def scheduler_for_solver(solver: str, config=None) -> SchedulerMixin:
+    """The scheduler of a solver name ("euler", "heun", "heun_final_euler"), made from `config` (the
+    pipeline's scheduler's, so that `num_train_timesteps` and `shift` carry over)."""
+    if solver not in SOLVER_SCHEDULERS:
+        raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
+    scheduler_class, overrides = SOLVER_SCHEDULERS[solver]
+    accepted = inspect.signature(scheduler_class.__init__).parameters  # the other class's keys are not its business
+    return scheduler_class.from_config({k: v for k, v in (config or {}).items() if k in accepted}, **overrides)
+
+
+def default_scheduler(transformer) -> Optional[SchedulerMixin]:
+    """The scheduler a pipeline of this model samples with when none is given (a folder written
+    before schedulers loads with it): Euler for flow models (JiT: its own sampler, Heun with a final
+    Euler step, the model class's `default_solver`) and v-prediction AFM generators; none for
+    x-prediction generators, whose output is the sample."""
+    if is_flow_model(transformer):
+        return scheduler_for_solver(getattr(transformer, "default_solver", "euler"))
+    if transformer.config.prediction_type == "velocity":
+        return FlowMatchEulerDiscreteScheduler()
+    return None
+
+
+def set_sampling_timesteps(scheduler, num_inference_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`scheduler.set_timesteps` on the reference's grid `linspace(1, 0, N + 1)` (passed as `sigmas`,
+    as diffusers' flow pipelines do, to a scheduler that takes them; another keeps its own grid).
+    Returns the timesteps (one per model call) and the flow time of each call, with the final time
+    after them: `scheduler.sigmas` where the scheduler has them, else `timesteps / num_train_timesteps`."""
+    if "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(sigmas=sampling_timesteps(num_inference_steps)[:-1].tolist(), device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)  # the first call: no look-up of the timestep (which would sync the device)
+    timesteps = scheduler.timesteps
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or len(sigmas) <= len(timesteps):
+        sigmas = torch.cat([timesteps / scheduler.config.num_train_timesteps, timesteps.new_zeros(1)])
+    return timesteps, sigmas.to(device=device, dtype=torch.float32)
 
 
 def allowed_num_inference_steps(config) -> Optional[int]:
@@ -70,22 +130,28 @@ class AFMPipeline(DiffusionPipeline):
         transformer ([`AdversarialFlowTransformer2DModel`], [`FlowMatchingTransformer2DModel`] or
             [`JiTTransformer2DModel`]): the AFM generator, or a flow-matching velocity model.
         vae ([`AutoencoderKL`], *optional*): decodes latents to images; `None` for a pixel-space model.
+        scheduler ([`SchedulerMixin`], *optional*): steps the sample from one model call to the next
+            (`FlowMatchEulerDiscreteScheduler`, `FlowHeunScheduler`, ...); `None` takes the model kind's
+            default (`default_scheduler`), which an x-prediction AFM generator does without.
         id2label (`dict`, *optional*): class id -> name (comma-separated synonyms allowed, as in
             ImageNet's "tench, Tinca tinca"); stored in `model_index.json`, used to look labels up by name.
     """
 
     model_cpu_offload_seq = "transformer->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "scheduler"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
         transformer: Union[AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel, JiTTransformer2DModel],
         vae: Optional[AutoencoderKL] = None,
+        scheduler: Optional[SchedulerMixin] = None,
         id2label: Optional[Dict[Union[int, str], str]] = None,
     ):
         super().__init__()
-        self.register_modules(transformer=transformer, vae=vae)
+        if scheduler is None:
+            scheduler = default_scheduler(transformer)
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         id2label = {int(k): v for k, v in (id2label or {}).items()}
         self.register_to_config(id2label={str(k): v for k, v in sorted(id2label.items())} or None)
         self.id2label = id2label
@@ -102,16 +168,19 @@ class AFMPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """`DiffusionPipeline.from_pretrained`, with a one-line error naming the file for a damaged
-        folder (a truncated weights file, weights the config does not fit)."""
-        from ..utils import explain_load_error
+        folder (a truncated weights file, weights the config does not fit, NaN or Inf weights)."""
+        from ..utils import check_finite_weights, explain_load_error
 
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError) as err:
             clear = explain_load_error(err, str(pretrained_model_name_or_path))
             if clear is None:
                 raise
             raise clear from None
+        # Non-finite weights would sample black images without a word.
+        check_finite_weights(pipeline.components, str(pretrained_model_name_or_path))
+        return pipeline
 
     @classmethod
     def _dict_from_json_file(cls, json_file):
@@ -126,7 +195,8 @@ class AFMPipeline(DiffusionPipeline):
         config = super()._dict_from_json_file(json_file)
         # Each copy is named after the file of its class's module.
         modules = {cls.__module__.rsplit(".", 1)[-1]: cls.__module__
-                   for cls in (AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel, JiTTransformer2DModel)}
+                   for cls in (AdversarialFlowTransformer2DModel, FlowMatchingTransformer2DModel, JiTTransformer2DModel,
+                               FlowHeunScheduler)}
         if isinstance(config.get("_class_name"), list):
             config["_class_name"] = config["_class_name"][1]
         for name, entry in config.items():
@@ -224,7 +294,8 @@ class AFMPipeline(DiffusionPipeline):
             raise ValueError(f"`latents` must have shape {expected} (batch, channels, height, width), got {tuple(latents.shape)}.")
 
     def prepare_latents(self, batch_size: int, generator, device: torch.device) -> torch.Tensor:
-        """Initial noise `z`. Each sample draws from its own generator, so it is the same alone or in a batch.
+        """Initial noise `z`. Each sample draws from its own generator, so its noise is the same alone or in
+        a batch (its image agrees to rounding: kernels round differently for different batch sizes).
 
         A list gives one generator per sample; a single generator seeds one per-sample generator
         for each sample in order (so sample i is reproducible whatever the batch size).
@@ -253,40 +324,64 @@ class AFMPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: Sequence[str] = (),
         guidance_scale: float = 1.0,
-        solver: str = DEFAULT_FLOW_SOLVER,
         guidance_interval: Optional[Tuple[float, float]] = None,
+        scheduler: Optional[SchedulerMixin] = None,
     ) -> torch.Tensor:
         """N-step sampling (docs/method.md, "Sampling with N steps") from the noise `latents` (float32) to
-        the final latents (float32), on the time grid and with the step rule of `diffusers_afm.flow`.
+        the final latents (float32), through `scheduler` (default: the pipeline's).
 
-        `callback_on_step_end(pipe, i, s, {"latents": x_t})` runs after step i (from time `s` to `t`)
-        and may return replacement latents to continue from, as in diffusers' pipelines.
+        Each model call takes the flow time of its entry in the schedule (`scheduler.sigmas`, exactly
+        the reference grid's values): a flow model its velocity there (under classifier-free guidance),
+        an AFM generator the step from `s` to the next time `t`. Without a scheduler (x-prediction
+        generators) the generator's output is the sample (`diffusers_afm.flow.sample`).
+        `callback_on_step_end(pipe, i, s, {"latents": x_t})` runs after each completed step i (from
+        time `s`; after Heun's corrector, not between its two calls) and may return replacement latents
+        to continue from, as in diffusers' pipelines.
         """
         dtype = self.transformer.dtype
-
-        def model_fn(x_s, s, t):
-            return self.transformer(x_s.to(dtype), class_ids, s, t).sample.float()
+        scheduler = self.scheduler if scheduler is None else scheduler
 
         def on_step_end(i, s, x_t):
             tensors = {"latents": x_t}  # the `_callback_tensor_inputs`
             callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
             return callback_on_step_end(self, i, s, callback_kwargs).pop("latents", x_t)
 
+        if scheduler is None:
+            return sample(
+                self._generator(class_ids), latents, num_inference_steps, self.transformer.config.prediction_type,
+                progress=self.progress_bar if num_inference_steps > 1 else None,
+                on_step_end=on_step_end if callback_on_step_end is not None else None,
+            )
         if is_flow_model(self.transformer):
             velocity = guided_velocity(
                 lambda x, t, labels: self.transformer(x.to(dtype), t, labels).sample.float(),
                 class_ids, self.transformer.null_class_id, guidance_scale, guidance_interval,
             )
-            return solve_ode(
-                velocity, latents, num_inference_steps, solver,
-                progress=self.progress_bar if num_inference_steps > 1 else None,
-                on_step_end=on_step_end if callback_on_step_end is not None else None,
-            )
-        return sample(
-            model_fn, latents, num_inference_steps, self.transformer.config.prediction_type,
-            progress=self.progress_bar if num_inference_steps > 1 else None,
-            on_step_end=on_step_end if callback_on_step_end is not None else None,
-        )
+
+            def model_fn(x_s, s, t):
+                return velocity(x_s, s)
+        else:
+            model_fn = self._generator(class_ids)
+
+        timesteps, times = set_sampling_timesteps(scheduler, num_inference_steps, latents.device)
+        batch = latents.shape[0]
+        step_index, source = 0, times[0]
+        calls = range(len(timesteps))
+        for k in self.progress_bar(calls) if num_inference_steps > 1 else calls:
+            if getattr(scheduler, "state_in_first_order", True):
+                source = times[k]  # a step begins here (Heun: its predictor)
+            output = model_fn(latents, times[k].expand(batch), times[k + 1].expand(batch))
+            latents = scheduler.step(output, timesteps[k], latents, return_dict=False)[0]
+            if getattr(scheduler, "state_in_first_order", True) or k == len(timesteps) - 1:
+                if callback_on_step_end is not None:
+                    latents = on_step_end(step_index, source, latents)
+                step_index += 1
+        return latents
+
+    def _generator(self, class_ids: torch.LongTensor) -> Callable:
+        """The AFM generator `G(x_s, c, s, t)` with the labels bound, its output in float32."""
+        dtype = self.transformer.dtype
+        return lambda x_s, s, t: self.transformer(x_s.to(dtype), class_ids, s, t).sample.float()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [-1, 1], decoded in the VAE's dtype (and memory format); pixel-space
@@ -320,7 +415,9 @@ class AFMPipeline(DiffusionPipeline):
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
         self._cuda_graph = _CUDAGraphSampler(
-            lambda latents, class_ids: self._decode(self._denoise(latents, class_ids, 1)),
+            # One step from t = 1 to 0 needs no schedule (every scheduler's one step is this one), and
+            # the reference rule makes no host synchronisation inside the graph.
+            lambda latents, class_ids: self._decode(sample(self._generator(class_ids), latents, 1, config.prediction_type)),
             torch.zeros(shape, device=device),
             torch.zeros(batch_size, dtype=torch.long, device=device),
         )
@@ -332,7 +429,8 @@ class AFMPipeline(DiffusionPipeline):
     def check_inputs(self, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
                      solver=None, num_inference_steps=None, guidance_interval=None):
         if is_flow_model(self.transformer):
-            check_solver(solver, num_inference_steps)
+            if solver is not None:
+                check_solver(solver, num_inference_steps)
             check_guidance_interval(guidance_interval)
             if guidance_scale is not None:
                 if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
@@ -357,6 +455,18 @@ class AFMPipeline(DiffusionPipeline):
             if guidance_interval is not None:
                 raise ValueError("`guidance_interval` is not an argument for AFM models: they have no classifier-free "
                                  "guidance. (Flow-matching models take it.)")
+            scheduler = self.scheduler
+            if scheduler is not None and self.transformer.config.prediction_type == "sample":
+                raise ValueError(
+                    f"`scheduler`: this AFM generator predicts the sample itself (prediction_type='sample'), so it "
+                    f"samples without a scheduler; got {type(scheduler).__name__}. Set `pipe.scheduler = None`."
+                )
+            if scheduler is not None and getattr(scheduler, "order", 1) != 1:
+                raise ValueError(
+                    f"`scheduler`: an AFM generator steps from s to t in one call, but {type(scheduler).__name__} calls "
+                    f"the model {scheduler.order} times per step; allowed: a one-call scheduler such as "
+                    "FlowMatchEulerDiscreteScheduler (the default) or FlowMapEulerDiscreteScheduler."
+                )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
@@ -394,7 +504,7 @@ class AFMPipeline(DiffusionPipeline):
                 for a class-conditional model, optional (class 0) for an unconditional one.
             num_inference_steps (`int`, *optional*): generator steps; defaults to the number the model was
                 trained for (`transformer.config.nfe`, or 1 for an any-step model). For a flow-matching
-                model, the solver's steps over [1, 0] (default 50; Heun evaluates the model twice per step).
+                model, the scheduler's steps over [1, 0] (default 50; Heun evaluates the model twice per step).
             generator (`torch.Generator` or a list, *optional*): makes sampling deterministic.
             latents (`torch.Tensor`, *optional*): the initial noise, shape `(batch, C, H, W)`, used as given
                 (drawn noise is scaled by a model's `noise_scale`, given latents are not).
@@ -416,9 +526,11 @@ class AFMPipeline(DiffusionPipeline):
                 scale w in `v_null + w (v_c - v_null)` (default 1: no guidance). AFM models have no
                 classifier-free guidance (a guided AFM model has the guidance trained in): any value
                 raises a `ValueError`.
-            solver (`str`, *optional*): flow-matching models only: `"euler"` (the default), `"heun"` (its
-                corrector at every step) or `"heun_final_euler"` (the last step Euler: JiT's sampler, the
-                default of a `JiTTransformer2DModel`).
+            solver (`str`, *optional*): flow-matching models only: sample this call with the scheduler of
+                that name, made from `pipe.scheduler.config`: `"euler"` (`FlowMatchEulerDiscreteScheduler`),
+                `"heun"` (`FlowHeunScheduler`, its corrector at every step) or `"heun_final_euler"`
+                (`FlowHeunScheduler(final_euler_step=True)`: JiT's sampler). Default: the pipeline's
+                `scheduler` (to change it for good, `pipe.scheduler = FlowHeunScheduler.from_config(pipe.scheduler.config)`).
             guidance_interval (`Tuple[float, float]`, *optional*): flow-matching models only: guide only at
                 the flow times `t_low < t < t_high` (1 = noise; t = 1 included when `t_high` is 1), as
                 JiT's CFG interval does (its `--interval_min 0.1 --interval_max 1.0` is `(0.0, 0.9)`);
@@ -428,19 +540,21 @@ class AFMPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         flow_kwargs = {}
-        if is_flow_model(self.transformer):  # the flow models' defaults, resolved before the checks
-            solver = getattr(self.transformer, "default_solver", DEFAULT_FLOW_SOLVER) if solver is None else solver
+        if is_flow_model(self.transformer):  # the flow models' default step count, resolved before the checks
             num_inference_steps = DEFAULT_FLOW_STEPS if num_inference_steps is None else num_inference_steps
         self.check_inputs(output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_scale,
                           solver, num_inference_steps, guidance_interval)
         config = self.transformer.config
         trained_steps = allowed_num_inference_steps(config)
         if is_flow_model(self.transformer):
-            flow_kwargs = dict(guidance_scale=1.0 if guidance_scale is None else float(guidance_scale), solver=solver,
-                               guidance_interval=guidance_interval)
+            # `solver` names a scheduler for this call (from the pipeline's scheduler's config); without
+            # one (`pipe.scheduler = None`) a flow model takes its kind's default.
+            scheduler = self.scheduler if solver is None else scheduler_for_solver(solver, self.scheduler and self.scheduler.config)
+            flow_kwargs = dict(guidance_scale=1.0 if guidance_scale is None else float(guidance_scale),
+                               guidance_interval=guidance_interval, scheduler=scheduler or default_scheduler(self.transformer))
         if num_inference_steps is None:
             num_inference_steps = trained_steps or 1
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
         if trained_steps is not None and num_inference_steps != trained_steps:
             raise ValueError(

@@ -204,7 +204,3 @@ class CAFMTrainingStep:
         optimizer_update(self.accelerator, self.generator, self.optimizer_g, self.max_grad_norm_g, logs, "grad_norm_g")
         return logs
 
-
-# TEMPORARY (removed before landing): scripts written against the old layout still import the
-# baseline from here while the refactor is in progress.
-from .flow_matching import FlowMatchingTrainingStep, TIME_SAMPLINGS, flow_matching_loss  # noqa: E402,F401

@@ -171,16 +171,23 @@ def print_settings(settings: Dict) -> None:
 
 def main(parse_args: Callable, settings: Callable, train: Callable, argv: Optional[List[str]] = None):
     """A trainer's `main(argv)`: parse, then either print the resolved settings (`--dry_run`) or train."""
+    from .output_dir import release_locks
+
     args = parse_args(argv)
     if args.dry_run:
         print_settings(settings(args))
         return None
-    return train(args)
+    try:
+        return train(args)
+    finally:
+        release_locks()  # the run is over, however it ended: its output folder is free again
 
 
 def run_trainer(parse_args: Callable, settings: Callable, train: Callable) -> None:
     """A trainer's `__main__`: a bad flag or config is one line on stderr, before any work is done;
-    so are the run's own stops (a damaged checkpoint, a full disk, a diverged loss, unusable data)."""
+    so are the run's own stops (a damaged checkpoint, a full disk, a diverged loss, unusable data)
+    and the input the run finds bad once it reads it (`ValueError`: labels outside the classes, a
+    missing column, a model folder that does not fit)."""
     from ..utils import RunStopped
 
     try:
@@ -190,10 +197,14 @@ def run_trainer(parse_args: Callable, settings: Callable, train: Callable) -> No
     if args.dry_run:
         print_settings(settings(args))
         sys.exit(0)
+    from .output_dir import release_locks
+
     try:
         train(args)
-    except RunStopped as err:
+    except (RunStopped, ValueError) as err:
         sys.exit(f"error: {err}")
+    finally:
+        release_locks()
 
 
 # ----------------------------------------------------------------------------- flag groups
@@ -270,6 +281,14 @@ def add_run_arguments(p: argparse.ArgumentParser, output_dir: str, tracker_proje
     p.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (the newest checkpoint; an error if it is damaged), 'latest_valid' (the newest "
                         "one that verifies, skipping damaged ones) or a checkpoint folder.")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start afresh in an --output_dir that holds another run's checkpoints or model: remove its "
+                        "checkpoints, model, discriminator, samples, model card and logs first (other files are kept). "
+                        "Without it such a folder is refused.")
+    p.add_argument("--allow_changed_settings", default=None,
+                   help="Comma-separated settings a resume may change from those its checkpoint records (e.g. "
+                        "train_batch_size); any other difference is refused. --max_train_steps, checkpointing, "
+                        "logging, validation and Hub flags may always change.")
     p.add_argument("--ddp_timeout", type=int, default=600,
                    help="Seconds a process waits in a collective (all-reduce, barrier) before it gives up, so a "
                         "run whose peer died exits instead of hanging (torch.distributed's timeout).")

@@ -31,6 +31,113 @@ def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# ----------------------------------------------------------------------------- the process and its launch
+_CPU_THREADS = None  # (threads, reason), chosen once per process
+
+
+def set_cpu_threads():
+    """Choose this process's CPU threads once, so that two processes' threads do not fight for the cores.
+
+    `OMP_NUM_THREADS`, when set (by you, or by `accelerate launch` / `torchrun` for several processes:
+    1 each), decides. Otherwise: the cores this process may run on (`os.sched_getaffinity`), shared
+    with the other processes of this launch on the machine (`LOCAL_WORLD_SIZE`), and no more than the
+    machine's cores that other work leaves free (`other_cpu_load`), at least 1. A second thread only
+    pays while it has a core of its own: torch's threads meet at a barrier after every operation, so
+    one thread that waits for a core stalls the other (on 2 shared cores, 2 threads ran the digits
+    at 5.7 s/step beside other jobs, 1 thread at 1.1 s/step; docs/performance.md). Decided once,
+    before the first step, so that a run's arithmetic, which depends on the thread count, does
+    not change under it. Returns (threads, why).
+    """
+    global _CPU_THREADS
+    if _CPU_THREADS is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            _CPU_THREADS = (torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+        else:
+            allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+            busy = other_cpu_load()
+            threads = cpu_thread_count(allowed, os.cpu_count() or allowed, busy, local_processes)
+            torch.set_num_threads(threads)
+            _CPU_THREADS = (threads, f"{allowed} cores allowed, {busy} busy with other work, {local_processes} "
+                                     "process(es) of this launch; OMP_NUM_THREADS sets it")
+    return _CPU_THREADS
+
+
+def cpu_thread_count(allowed: int, machine_cores: int, busy: int, local_processes: int = 1) -> int:
+    """Threads for one process: its share of the `allowed` cores among the `local_processes` of its
+    launch, and no more than the `machine_cores` that `busy` other work leaves free; at least 1."""
+    return max(1, min(allowed // max(1, local_processes), machine_cores - busy))
+
+
+def other_cpu_load() -> int:
+    """Cores that other work keeps busy: the larger of the 1-minute load average (rounded) and the
+    tasks runnable right now besides this one (Linux `/proc/loadavg`; elsewhere the load average, or 0)."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            fields = f.read().split()
+        return max(round(float(fields[0])), int(fields[3].split("/")[0]) - 1, 0)
+    except (OSError, ValueError, IndexError):
+        return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+
+
+def requested_launch_processes(launcher_argv, default_config_file: Optional[str] = None) -> Optional[int]:
+    """The process count an `accelerate launch` command line asked for: its `--num_processes`, else
+    the `num_processes` of its `--config_file` (or of `default_config_file`); None when it names none.
+    Only the launcher's own flags count, up to the training script."""
+    argv = list(launcher_argv)
+    start = next((i + 1 for i, a in enumerate(argv) if a == "launch" or a.endswith("accelerate.commands.launch")), None)
+    if start is None:
+        return None
+    flags, config_file = {}, default_config_file
+    i = start
+
+    def is_script(token):
+        return token.endswith(".py") or token == "-m"
+
+    while i < len(argv) and not is_script(argv[i]):
+        name, _, value = argv[i].partition("=")
+        name = name.replace("-", "_").lstrip("_")
+        if not value and i + 1 < len(argv) and not argv[i + 1].startswith("-") and not is_script(argv[i + 1]):
+            value = argv[i + 1]
+            i += 1
+        flags[name] = value
+        i += 1
+    if flags.get("num_processes", "").isdigit():
+        return int(flags["num_processes"])
+    config_file = flags.get("config_file") or config_file
+    if config_file and os.path.isfile(config_file):
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        requested = getattr(load_config_from_file(config_file), "num_processes", None)
+        return requested if isinstance(requested, int) and requested > 0 else None
+    return None
+
+
+def cpu_launch_warning(num_processes: int) -> Optional[str]:
+    """One line when `accelerate launch --cpu --num_processes N` (N > 1) started this single process:
+    Accelerate runs `--cpu` as one process (it sets ACCELERATE_USE_CPU and no WORLD_SIZE), so the
+    count asked for is only on the launcher's command line or in its config file. None otherwise."""
+    from accelerate.utils import str_to_bool
+
+    if num_processes != 1 or "WORLD_SIZE" in os.environ or not str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "0")):
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            launcher_argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:  # not Linux, or the launcher is gone
+        return None
+    from accelerate.commands.config import default_config_file
+
+    requested = requested_launch_processes(launcher_argv, default_config_file)
+    if requested is None or requested < 2:
+        return None
+    script = next((a for a in launcher_argv if a.endswith(".py")), "script.py")
+    return (f"`accelerate launch --cpu --num_processes {requested}` runs ONE process (Accelerate's --cpu launch), so this "
+            f"run trains on 1 process, not {requested}. For {requested} CPU processes: ACCELERATE_USE_CPU=1 accelerate "
+            f"launch --multi_gpu --num_processes {requested} --num_machines 1 --mixed_precision no --dynamo_backend no "
+            f"{script} ...")
+
+
 @dataclass
 class RunConfig:
     """What a run is, apart from its data, model and objective. Field names are the trainers' flags.
@@ -51,6 +158,11 @@ class RunConfig:
         checkpointing_steps: a resumable checkpoint every this many steps, and at the end (>= 1).
         checkpoints_total_limit: keep at most this many checkpoints (>= 1; None: all).
         ddp_timeout: seconds a process waits in a collective before it gives up (>= 1).
+        overwrite_output_dir: remove a previous run's checkpoints and outputs from `output_dir` before
+            starting (without it, a new run into such a folder is refused; `output_dir.start_run`).
+        resume_from_checkpoint: `latest`, `latest_valid` or a checkpoint folder (None: a new run).
+        allow_changed_settings: comma-separated settings a resume may change from those its
+            checkpoint records (`checkpoint.check_resume_settings`).
     """
 
     output_dir: str
@@ -67,8 +179,15 @@ class RunConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = None
     ddp_timeout: int = 600
+    overwrite_output_dir: bool = False
+    resume_from_checkpoint: Optional[str] = None
+    allow_changed_settings: Optional[str] = None
 
     def __post_init__(self):
+        check_setting(not os.path.isfile(self.output_dir), "output_dir", self.output_dir,
+                      "a folder (new or existing); this is a file")
+        check_setting(not (self.overwrite_output_dir and self.resume_from_checkpoint), "overwrite_output_dir", True,
+                      "only without --resume_from_checkpoint (it removes the checkpoints a resume reads)")
         for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "ddp_timeout"):
             value = getattr(self, name)
             check_setting(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
@@ -81,17 +200,28 @@ class RunConfig:
         check_setting(self.report_to not in ("wandb", "all") or importable("wandb"), "report_to", self.report_to,
                       "tensorboard or none here: wandb is not installed (`pip install wandb` for wandb or all)")
 
+    def total_steps(self, num_batches: int, num_processes: int) -> int:
+        """`max_train_steps`, or `num_train_epochs` over a loader of `num_batches` as optimizer steps
+        (diffusers' trainers' rule: a given `max_train_steps` wins)."""
+        if self.max_train_steps is not None:
+            return self.max_train_steps
+        from .loop import steps_from_epochs
+
+        return steps_from_epochs(self.num_train_epochs, num_batches, num_processes, self.gradient_accumulation_steps)
+
     @property
     def mixed_precision_dtype(self) -> torch.dtype:
         """The dtype of frozen helpers (VAE, text encoder) under this run's mixed precision."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
 
     def make_accelerator(self):
-        """The run's `Accelerator` (logging, seeded RNGs, the output folder); call before anything else."""
+        """The run's `Accelerator` (logging, seeded RNGs); call before anything else, then `output_dir.start_run`."""
         from datetime import timedelta
 
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+
+        from .distributed import fsdp_fallback_note
 
         accelerator = Accelerator(
             gradient_accumulation_steps=self.gradient_accumulation_steps,
@@ -104,12 +234,20 @@ class RunConfig:
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=self.ddp_timeout))],
         )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        # Accelerate logs every file of a checkpoint (8 lines a save); `CheckpointIO.save` logs one.
+        logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
         logger.info(accelerator.state)
+        if accelerator.device.type == "cpu":
+            threads, reason = set_cpu_threads()
+            logger.info(f"CPU threads: {threads} ({reason})")
+        warning = cpu_launch_warning(accelerator.num_processes)
+        if warning:
+            logger.warning(warning)
+        fsdp_fallback_note(accelerator)
         set_seed(self.seed)
         if self.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
-        if accelerator.is_main_process:
-            os.makedirs(self.output_dir, exist_ok=True)
+        # The output folder is made by `output_dir.start_run`, with its checks and lock.
         return accelerator
 
 
@@ -163,8 +301,20 @@ def log_image(accelerator, image, step: int, name: str = "samples") -> None:
             tracker.log({name: wandb.Image(image)}, step=step)
 
 
+def log_peak_memory(accelerator) -> None:
+    """The accelerator's memory peak of this process, at the end of a run (GPUs only): what the
+    memory plan of docs/training.md predicts."""
+    if torch.cuda.is_available() and accelerator.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+        logger.info(f"rank {accelerator.process_index}: peak GPU memory {peak:.2f} GiB "
+                    f"({accelerator.distributed_type.value}, {accelerator.num_processes} processes)")
+
+
 def log_weight_sums(accelerator, step: int, **models: torch.nn.Module) -> None:
-    """Each rank's weight sums at the end: under DDP they must be equal (the two-process tests compare them)."""
-    sums = {name: sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(model).parameters())
+    """Each rank's weight sums at the end: under DDP they must be equal (the two-process tests compare
+    them). Sharded weights are gathered first (a collective), so every rank logs the whole model's sums."""
+    from .distributed import full_tensor
+
+    sums = {name: sum(full_tensor(p.detach()).double().sum().item() for p in accelerator.unwrap_model(model).parameters())
             for name, model in models.items()}
     logger.info(f"rank {accelerator.process_index} finished: step {step}, weight sums {sums}")
