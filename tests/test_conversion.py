@@ -239,7 +239,8 @@ def test_afm_convert_flag_errors_exit_2(tmp_path, capsys):
         (["--depth_repeat", "2", "--nfe", "2"], r"--depth_repeat.*1-NFE"),
         (["--class_names", "missing.json"], r"--class_names.*JSON file"),
         (["--state_dict_key", "ema"], r"--state_dict_key.*'ema' is not in"),
-        (["--vae", str(tmp_path / "no_vae")], r"--vae.*cannot be loaded.*'none'"),
+        # The VAE is loaded once the checkpoint has converted (a readable checkpoint, its head count given).
+        (["--num_heads", "4", "--vae", str(tmp_path / "no_vae")], r"--vae.*cannot be loaded.*'none'"),
     ]
     for extra, pattern in cases:
         argv = _convert_args(tmp_path, pth) + extra

@@ -215,6 +215,20 @@ def test_fsdp2_bf16_keeps_the_penalty_in_full_precision(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CAFM: SiT layout and Z-Image
+def test_fsdp2_flow_matching_equals_ddp(tmp_path):
+    """The flow-matching trainer: one network, its sharded EMA gathered for the grid and the export."""
+    flags = ["--model_config", TINY, "--max_train_steps", 4, "--train_batch_size", 8, "--report_to", "none",
+             "--checkpointing_steps", 4, "--validation_steps", 4, "--num_validation_images", 1]
+    for name, fsdp in (("fsdp", True), ("ddp", False)):
+        launch(EXAMPLES / "train_flow_matching.py", "--output_dir", tmp_path / name, *flags, fsdp=fsdp)
+    pipes = [AFMPipeline.from_pretrained(tmp_path / name) for name in ("fsdp", "ddp")]
+    assert all(type(p.transformer) is FlowMatchingTransformer2DModel for p in pipes)
+    # Flow matching has no JVP: the same arithmetic in the same order.
+    assert_same(pipes[0].transformer.state_dict(), pipes[1].transformer.state_dict(), atol=1e-6, what="EMA")
+    assert_same(generator_of(tmp_path / "fsdp", 4), generator_of(tmp_path / "ddp", 4), atol=1e-6, what="model")
+    assert not list((tmp_path / "fsdp").glob("transformer/*.distcp"))
+
+
 def test_fsdp2_cafm_equals_ddp(tmp_path):
     """The JVP runs block by block inside each block's forward, where FSDP2 gathers the block."""
     pretrained = tmp_path / "flow"
