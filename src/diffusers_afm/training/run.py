@@ -10,6 +10,7 @@ the sample grids a run writes.
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -69,15 +70,26 @@ def cpu_thread_count(allowed: int, machine_cores: int, busy: int, local_processe
     return max(1, min(allowed // max(1, local_processes), machine_cores - busy))
 
 
-def other_cpu_load() -> int:
-    """Cores that other work keeps busy: the larger of the 1-minute load average (rounded) and the
-    tasks runnable right now besides this one (Linux `/proc/loadavg`; elsewhere the load average, or 0)."""
+def other_cpu_load(window: float = 0.5) -> int:
+    """Cores that other work keeps busy now: the machine's busy time over `window` seconds while this
+    process sleeps (Linux `/proc/stat`), rounded. The load average would count work that already
+    ended (it decays over minutes: a job that stopped 30 s ago still reads as a busy core) and this
+    process's own start-up; elsewhere it is the only measure there is."""
+    def cpu_times():
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]  # all time (guest time is inside user), idle + iowait
+
     try:
-        with open("/proc/loadavg", encoding="ascii") as f:
-            fields = f.read().split()
-        return max(round(float(fields[0])), int(fields[3].split("/")[0]) - 1, 0)
+        total_0, idle_0 = cpu_times()
+        time.sleep(window)
+        total_1, idle_1 = cpu_times()
     except (OSError, ValueError, IndexError):
         return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    if total_1 <= total_0:
+        return 0
+    busy_share = 1.0 - (idle_1 - idle_0) / (total_1 - total_0)
+    return max(0, round(busy_share * (os.cpu_count() or 1)))
 
 
 def requested_launch_processes(launcher_argv, default_config_file: Optional[str] = None) -> Optional[int]:
