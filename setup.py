@@ -16,8 +16,8 @@ install_requires = [
     "Pillow",
 ]
 extras = {
-    # the example trainers: logging, the embedded digits data set
-    "training": ["tensorboard", "scikit-learn"],
+    # the example trainers: logging, the embedded digits data set, LoRA adapters (diffusers' LoRA backend)
+    "training": ["tensorboard", "scikit-learn", "peft>=0.17"],  # peft: LoRA post-training (--lora_rank)
     # metrics: exact optimal transport for the toy suite, figures; torch-fidelity pulls torchvision
     # (see docs/ENVIRONMENT notes in the README), so it is its own extra.
     "evaluation": ["scipy", "POT", "matplotlib", "scikit-learn"],

@@ -45,6 +45,8 @@ from diffusers_afm.hub import (
     create_hub_repo,
     default_hub_model_id,
     download_pretrained,
+    lora_snippet,
+    save_lora_model_card,
     save_pipeline_folder,
     upload_output,
 )
@@ -53,7 +55,20 @@ from diffusers_afm.training import EMAConfig, ModelEMA, OptimizerConfig, RunConf
 from diffusers_afm.training.cafm import CAFMObjective, CAFMTrainingStep
 from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
 from diffusers_afm.training.distributed import gather_model, prepare_network
-from diffusers_afm.training.memory import plan_summary
+from diffusers_afm.training.lora import (
+    AdapterEMA,
+    add_adapters,
+    add_lora_arguments,
+    discriminator_adapter_file,
+    load_discriminator_adapter,
+    lora_settings,
+    merge_adapter,
+    register_adapter_checkpoints,
+    save_discriminator_adapter,
+    save_lora_weights,
+    trainable_parameters,
+)
+from diffusers_afm.training.memory import lora_plan_summary, plan_summary
 from diffusers_afm.training.output_dir import check_free_space, start_run
 from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator
 from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_peak_memory, log_weight_sums
@@ -104,6 +119,7 @@ def build_parser() -> cli.TrainingArgumentParser:
                                 networks=" of both networks", learning_rate_help="The generator's AdamW lr (1e-5; digits 1e-4).",
                                 max_grad_norm_help="Gradient clipping of both (the reference's 10000).")
     cli.add_ema_arguments(p, decay=0.99, decay_help="EMA decay of the generator, after each G update.", warmup=False)
+    add_lora_arguments(p)  # one frozen base, two adapters (docs/cafm.md, "One GPU: LoRA")
     cli.add_run_arguments(p, output_dir="cafm-model", tracker_project_name="train_cafm")
     cli.add_validation_arguments(p, SOLVERS)
     cli.add_hub_arguments(p)
@@ -174,7 +190,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "0 for this model: it has no null class to drop labels to")
         check_setting(has_null_class or args.validation_guidance_scale == 1, "validation_guidance_scale",
                       args.validation_guidance_scale, "1 (no guidance) for this model: it has no null class")
-        if args.discriminator is not None and not os.path.isfile(os.path.join(args.discriminator, "config.json")):
+        lora = lora_settings(vars(args))
+        if lora is not None:  # every target must name layers of this model: checked on its shapes alone
+            with torch.device("meta"):
+                lora.check_targets(DISCRIMINATORS[config["_class_name"]][0].from_config(config))
+            if args.discriminator is not None:
+                discriminator_adapter_file(args.discriminator)
+        elif args.discriminator is not None and not os.path.isfile(os.path.join(args.discriminator, "config.json")):
             raise SettingError("discriminator", args.discriminator, "a folder written by AdversarialFlowDiscriminator.save_pretrained")
         check_push_to_hub(args.push_to_hub and not args.dry_run)
         if not args.dry_run:
@@ -200,7 +222,9 @@ def settings(args: argparse.Namespace) -> dict:
         with torch.device("meta"):
             generator = generator_class.from_config(config)
             discriminator = getattr(discriminator_class, initialise)(generator)
-        summary["memory_plan"] = plan_summary({"generator": generator, "discriminator": discriminator}, ema=["generator"])
+        lora = lora_settings(vars(args))
+        summary["memory_plan"] = (plan_summary({"generator": generator, "discriminator": discriminator}, ema=["generator"])
+                                  if lora is None else lora_plan_summary(generator, discriminator, lora))
     return {**build_parser().settings(vars(args)), "_model": summary}
 
 
@@ -208,7 +232,7 @@ def build_models(args):
     folder = transformer_folder(pretrained_folder(args.pretrained_model_name_or_path))
     generator_class, discriminator_class, initialise = DISCRIMINATORS[read_flow_config(folder)["_class_name"]]
     generator = generator_class.from_pretrained(folder)
-    if args.discriminator is None:
+    if args.discriminator is None or args.lora_rank is not None:  # a LoRA discriminator's adapter loads in `train`
         return generator, getattr(discriminator_class, initialise)(generator)
     discriminator = discriminator_class.from_pretrained(args.discriminator)
     for key in ("sample_size", "in_channels", "num_classes", "patch_size"):
@@ -228,6 +252,35 @@ def sample_grid(args, model, data):
     return class_grid(pipeline, args.num_validation_classes, args.num_validation_images, args.seed,
                       num_inference_steps=args.validation_inference_steps, solver=args.validation_solver,
                       guidance_scale=args.validation_guidance_scale)
+
+
+def save_lora_output(args, ema_model, discriminator, discriminator_names, lora, data, global_step) -> None:
+    """A LoRA run's folder: `pytorch_lora_weights.safetensors` (the EMA adapter), `samples.png` and a
+    LoRA model card, or with `--merge_lora` the full AFMPipeline with the adapter fused into the
+    pretrained weights; either way `discriminator_lora.safetensors` (D's adapter and head) beside."""
+    pretrained = args.pretrained_model_name_or_path
+    settings_ = settings(args)
+    dataset = args.dataset_name or args.train_data_dir or "scikit-learn digits"
+    description = (f"These are the EMA weights of a rank-{lora.lora_rank} LoRA adapter (alpha {lora.alpha:g}) after "
+                   f"{global_step} iterations.")
+    if args.merge_lora:
+        folder = transformer_folder(pretrained_folder(pretrained))
+        base = DISCRIMINATORS[read_flow_config(folder)["_class_name"]][0].from_pretrained(folder)
+        merged = merge_adapter(base, ema_model).to(ema_model.device)
+        save_pipeline_folder(
+            args.output_dir, AFMPipeline(transformer=merged, vae=data.vae, id2label=data.id2label),
+            sample_grid=sample_grid(args, merged, data), standalone=args.standalone_hub_files, repo_id=args.hub_model_id,
+            base_model=pretrained, dataset=dataset, training_settings=settings_, cafm=True,
+            description=description.replace("weights of", "weights, fused, of"))
+    else:
+        save_image(sample_grid(args, ema_model, data), os.path.join(args.output_dir, "samples.png"))
+        save_lora_weights(args.output_dir, ema_model)
+        repo_id = args.hub_model_id or args.output_dir
+        save_lora_model_card(
+            args.output_dir, base_model=pretrained, text_to_image=False, repo_id=args.hub_model_id, dataset=dataset,
+            snippet=lora_snippet(pretrained, repo_id, text_to_image=False, num_classes=ema_model.config.num_classes),
+            training_settings=settings_, sample_grid="samples.png", description=description)
+    save_discriminator_adapter(args.output_dir, discriminator, discriminator_names)
 
 
 # ----------------------------------------------------------------------------- training
@@ -257,12 +310,20 @@ def train(args: argparse.Namespace) -> str:
         generator.enable_gradient_checkpointing()
         discriminator.enable_gradient_checkpointing()
     logger.info(f"generator {generator.num_parameters() / 1e6:.2f}M, discriminator {discriminator.num_parameters() / 1e6:.2f}M parameters")
+    lora = lora_settings(vars(args))
+    if lora is not None:  # one frozen base (the generator's), adapter G, adapter D + D's own head
+        counts = add_adapters(generator, discriminator, lora)
+        if args.discriminator is not None:
+            load_discriminator_adapter(discriminator, args.discriminator)
+        logger.info(f"LoRA rank {lora.lora_rank}: trained parameters {counts}")
 
     # 4. Optimisers and schedules (both count iterations, D and G steps alike), prepared; EMA; the step
     # AdamW of each network: the same betas, epsilon, decay and clipping, their own learning rates.
     config_g = settings_from_flags(OptimizerConfig, vars(args))
     config_d = settings_from_flags(OptimizerConfig, vars(args), {"learning_rate": "discriminator_learning_rate"})
-    optimizer_g, optimizer_d = config_g.adamw(generator.parameters()), config_d.adamw(discriminator.parameters())
+    params_g, params_d = ((generator.parameters(), discriminator.parameters()) if lora is None
+                          else (trainable_parameters(generator), trainable_parameters(discriminator)))
+    optimizer_g, optimizer_d = config_g.adamw(params_g), config_d.adamw(params_d)
     schedulers = [config.scheduler(optimizer, args.max_train_steps, accelerator.num_processes)
                   for config, optimizer in ((config_g, optimizer_g), (config_d, optimizer_d))]
     # One network per call (FSDP2 takes one at a time). The discriminator reads its logit out in
@@ -274,7 +335,9 @@ def train(args: argparse.Namespace) -> str:
     # Both schedules count iterations, so each network's scheduler also steps in the other's
     # iterations; torch warns about that at the first D step.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-    ema = ModelEMA(generator)
+    ema = ModelEMA(generator) if lora is None else AdapterEMA(generator)  # LoRA: the generator's adapter only
+    # LoRA: checkpoints hold the adapters, D's head and their AdamW states, never the base.
+    trained = register_adapter_checkpoints(accelerator, generator, discriminator) if lora is not None else None
     rng = noise_generator(accelerator, args.seed)
     train_step = CAFMTrainingStep(
         accelerator, generator, discriminator, optimizer_g, optimizer_d,
@@ -284,7 +347,7 @@ def train(args: argparse.Namespace) -> str:
     )
 
     # 5. Resume, trackers
-    check_free_space(accelerator, args.output_dir, resume_path, [generator, discriminator], [ema])  # room for a checkpoint
+    check_free_space(accelerator, args.output_dir, resume_path, trained or [generator, discriminator], [ema])  # room for a checkpoint
     checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng, settings=settings(args))
     global_step = 0
     if resume_path is not None:
@@ -327,7 +390,9 @@ def train(args: argparse.Namespace) -> str:
     # 7. The pipeline folder (the EMA generator), the discriminator, samples and a model card
     accelerator.wait_for_everyone()
     ema_model, final_discriminator = ema.full_model(accelerator.device), gather_model(discriminator)  # every process
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and lora is not None:
+        save_lora_output(args, ema_model, discriminator, trained[1].names, lora, data, global_step)
+    elif accelerator.is_main_process:
         pretrained = args.pretrained_model_name_or_path
         save_pipeline_folder(
             args.output_dir, AFMPipeline(transformer=ema_model, vae=data.vae, id2label=data.id2label),

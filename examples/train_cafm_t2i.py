@@ -38,6 +38,8 @@ from diffusers_afm.hub import (
     create_hub_repo,
     default_hub_model_id,
     download_pretrained,
+    lora_snippet,
+    save_lora_model_card,
     save_text_to_image_model_card,
     upload_output,
 )
@@ -47,15 +49,28 @@ from diffusers_afm.training.cafm import CAFMObjective
 from diffusers_afm.training.cafm_zimage import ZIMAGE_TIME_SHIFT, ZImageCAFMTrainingStep
 from diffusers_afm.training.checkpoint import CheckpointIO, check_resume_flag
 from diffusers_afm.training.distributed import gather_model, prepare_network
-from diffusers_afm.training.memory import plan_summary
+from diffusers_afm.training.lora import (
+    AdapterEMA,
+    add_adapters,
+    add_lora_arguments,
+    discriminator_adapter_file,
+    load_discriminator_adapter,
+    lora_settings,
+    merge_adapter,
+    register_adapter_checkpoints,
+    save_discriminator_adapter,
+    save_lora_weights,
+    trainable_parameters,
+)
+from diffusers_afm.training.memory import lora_plan_summary, plan_summary, zimage_lora_activations
 from diffusers_afm.training.output_dir import check_free_space, start_run
 from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator
 from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_peak_memory, log_weight_sums
 from diffusers_afm.utils import (
     SettingError,
     atomic_directory,
+    atomic_file,
     check_setting,
-    replace_path,
     save_image,
     settings_from_flags,
 )
@@ -103,6 +118,7 @@ def build_parser() -> cli.TrainingArgumentParser:
                                 learning_rate_help="The generator's AdamW lr (5e-5).",
                                 max_grad_norm_help="Gradient clipping of both (off by default, as in the reference).")
     cli.add_ema_arguments(p, decay=0.99, decay_help="EMA decay of the generator, after each G update.", warmup=False)
+    add_lora_arguments(p)  # one frozen base, two adapters: Z-Image on one GPU (docs/cafm.md, "One GPU: LoRA")
     # Validation
     p.add_argument("--validation_prompt", action="append", default=None,
                    help="A prompt to sample at every --validation_steps and at the end (repeat the flag for more). "
@@ -169,7 +185,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "a multiple of 16 (Z-Image's VAE downsamples 8x, then 2x2 patches)")
         check_setting(args.timestep_shift is None or args.timestep_shift > 0, "timestep_shift", args.timestep_shift,
                       "a number > 0")
-        if args.discriminator is not None and not os.path.isfile(os.path.join(args.discriminator, "config.json")):
+        lora = lora_settings(vars(args))
+        if lora is not None:  # every target must name layers of this transformer: checked on its shapes alone
+            from diffusers import ZImageTransformer2DModel
+
+            transformer = ZImageTransformer2DModel.load_config(os.path.join(pretrained_folder(args.pretrained_model_name_or_path), "transformer"))
+            with torch.device("meta"):
+                lora.check_targets(ZImageTransformer2DModel.from_config(transformer))
+            if args.discriminator is not None:
+                discriminator_adapter_file(args.discriminator)
+        elif args.discriminator is not None and not os.path.isfile(os.path.join(args.discriminator, "config.json")):
             raise SettingError("discriminator", args.discriminator,
                                "a folder written by AdversarialFlowZImageDiscriminator.save_pretrained")
         check_resume_flag(args.resume_from_checkpoint)
@@ -193,13 +218,15 @@ def settings(args: argparse.Namespace) -> dict:
     config = {k: v for k, v in transformer.items() if not k.startswith("_")}
     model = {"generator": {"class": ZIMAGE_MODEL, "config": config}}
     if args.dry_run:  # what the run's state takes per GPU, under DDP and FSDP2 (the networks' shapes only)
-        model["memory_plan"] = memory_plan_of(folder, args.mixed_precision)
+        model["memory_plan"] = memory_plan_of(folder, args.mixed_precision, lora_settings(vars(args)))
     return {**build_parser().settings(vars(args)), "_model": model}
 
 
-def memory_plan_of(folder: str, mixed_precision) -> dict:
+def memory_plan_of(folder: str, mixed_precision, lora=None) -> dict:
     """The plan of post-training the pipeline in `folder`: both networks and the EMA trained or kept in
-    float32, the text encoder frozen in the mixed-precision dtype on every GPU; built on the meta device."""
+    float32, the text encoder frozen in the mixed-precision dtype on every GPU; built on the meta device.
+    With LoRA: one frozen base, the adapters and D's head trained, the VAE too, and the activations
+    of 512 and 1024 px at batch 1 and 4 (measured on one block at toy lengths, extrapolated)."""
     from diffusers import ZImageTransformer2DModel
     from transformers import AutoConfig, AutoModel
 
@@ -208,6 +235,16 @@ def memory_plan_of(folder: str, mixed_precision) -> dict:
         discriminator = AdversarialFlowZImageDiscriminator.for_transformer(generator)
         text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(folder, "text_encoder")))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    if lora is not None:
+        from diffusers import AutoencoderKL
+
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae")))
+        frozen = {"text encoder": (text_encoder, dtype), "VAE": (vae, dtype)}
+        state = lora_plan_summary(generator, discriminator, lora, frozen=frozen)
+        activations = zimage_lora_activations(generator.config, lora, state["GiB per GPU, state (one process, or each DDP process)"],
+                                              compute_dtype=dtype)
+        return {**state, "with activations": activations}
     return plan_summary({"generator": generator, "discriminator": discriminator}, ema=["generator"],
                         frozen={"text encoder": (text_encoder, dtype)})
 
@@ -251,11 +288,46 @@ def save_zimage_pipeline(output_dir: str, ema_model, discriminator, base_folder:
             shutil.copytree(os.path.join(base_folder, component), tmp, dirs_exist_ok=True)
     with atomic_directory(os.path.join(output_dir, "transformer")) as tmp:
         ema_model.save_pretrained(tmp, safe_serialization=True)
-    with atomic_directory(os.path.join(output_dir, "discriminator")) as tmp:
-        discriminator.save_pretrained(tmp, safe_serialization=True)
-    tmp_index = os.path.join(output_dir, ".model_index.json.tmp")
-    shutil.copyfile(os.path.join(base_folder, "model_index.json"), tmp_index)
-    replace_path(tmp_index, os.path.join(output_dir, "model_index.json"))
+    if discriminator is not None:  # a LoRA run writes its discriminator's adapter instead
+        with atomic_directory(os.path.join(output_dir, "discriminator")) as tmp:
+            discriminator.save_pretrained(tmp, safe_serialization=True)
+    with open(os.path.join(base_folder, "model_index.json"), "rb") as source, \
+            atomic_file(os.path.join(output_dir, "model_index.json")) as target:
+        shutil.copyfileobj(source, target)
+
+
+def save_lora_output(args, accelerator, pipeline, ema_model, discriminator, discriminator_names, base_folder, prompts,
+                     global_step) -> None:
+    """A LoRA run's folder: `pytorch_lora_weights.safetensors` (the EMA adapter, which
+    `ZImagePipeline.load_lora_weights` loads), `samples.png` and a LoRA model card, or with
+    `--merge_lora` a complete ZImagePipeline whose transformer has the adapter fused into the
+    pretrained weights; either way `discriminator_lora.safetensors` (D's adapter and head) beside."""
+    from diffusers import ZImageTransformer2DModel
+
+    lora = lora_settings(vars(args))
+    pretrained = args.pretrained_model_name_or_path
+    description = (f"These are the EMA weights of a rank-{lora.lora_rank} LoRA adapter (alpha {lora.alpha:g}) after "
+                   f"{global_step} iterations; validation prompts: {prompts}.")
+    if args.merge_lora:
+        base = ZImageTransformer2DModel.from_pretrained(base_folder, subfolder="transformer", dtype=torch.float32)
+        merged = merge_adapter(base, ema_model).to(accelerator.device)
+        grid = validation_images(args, accelerator, pipeline, merged, prompts)
+        save_zimage_pipeline(args.output_dir, merged, None, base_folder)
+        save_image(grid, os.path.join(args.output_dir, "samples.png"))
+        save_text_to_image_model_card(
+            args.output_dir, repo_id=args.hub_model_id, base_model=pretrained, dataset=args.dataset_name or args.train_data_dir,
+            training_settings=settings(args), sample_grid="samples.png", example_prompt=prompts[0], resolution=args.resolution,
+            description=description.replace("weights of", "weights, fused, of"))
+    else:
+        save_image(validation_images(args, accelerator, pipeline, ema_model, prompts), os.path.join(args.output_dir, "samples.png"))
+        save_lora_weights(args.output_dir, ema_model)
+        save_lora_model_card(
+            args.output_dir, base_model=pretrained, text_to_image=True, repo_id=args.hub_model_id,
+            dataset=args.dataset_name or args.train_data_dir, training_settings=settings(args), sample_grid="samples.png",
+            snippet=lora_snippet(pretrained, args.hub_model_id or args.output_dir, text_to_image=True,
+                                 resolution=args.resolution, example_prompt=prompts[0]),
+            description=description)
+    save_discriminator_adapter(args.output_dir, discriminator, discriminator_names)
 
 
 # ----------------------------------------------------------------------------- training
@@ -286,7 +358,7 @@ def train(args: argparse.Namespace) -> str:
     folder = pretrained_folder(args.pretrained_model_name_or_path)
     pipeline = load_pipeline(folder, accelerator, run.mixed_precision_dtype)
     generator = pipeline.transformer
-    if args.discriminator is not None:
+    if args.discriminator is not None and args.lora_rank is None:
         discriminator = AdversarialFlowZImageDiscriminator.from_pretrained(args.discriminator)
     else:
         discriminator = AdversarialFlowZImageDiscriminator.for_transformer(generator)
@@ -294,12 +366,20 @@ def train(args: argparse.Namespace) -> str:
         generator.enable_gradient_checkpointing()
         discriminator.enable_gradient_checkpointing()
     logger.info(f"generator {generator.num_parameters() / 1e6:.2f}M, discriminator {discriminator.num_parameters() / 1e6:.2f}M parameters")
+    lora = lora_settings(vars(args))
+    if lora is not None:  # one frozen base (the generator's), adapter G, adapter D + D's own head
+        counts = add_adapters(generator, discriminator, lora)
+        if args.discriminator is not None:
+            load_discriminator_adapter(discriminator, args.discriminator)
+        logger.info(f"LoRA rank {lora.lora_rank}: trained parameters {counts}")
 
     # 4. Optimisers and schedules (both count iterations), prepared; the EMA; the step
     # AdamW of each network: the reference's own learning rates, the same betas and decay.
     config_g = settings_from_flags(OptimizerConfig, vars(args))
     config_d = settings_from_flags(OptimizerConfig, vars(args), {"learning_rate": "discriminator_learning_rate"})
-    optimizer_g, optimizer_d = config_g.adamw(generator.parameters()), config_d.adamw(discriminator.parameters())
+    params_g, params_d = ((generator.parameters(), discriminator.parameters()) if lora is None
+                          else (trainable_parameters(generator), trainable_parameters(discriminator)))
+    optimizer_g, optimizer_d = config_g.adamw(params_g), config_d.adamw(params_d)
     schedulers = [config.scheduler(optimizer, args.max_train_steps, accelerator.num_processes)
                   for config, optimizer in ((config_g, optimizer_g), (config_d, optimizer_d))]
     # One network per call (FSDP2 takes one at a time). The discriminator reads its logit out in
@@ -311,7 +391,9 @@ def train(args: argparse.Namespace) -> str:
     # Both schedules count iterations, so each network's scheduler also steps in the other's
     # iterations; torch warns about that at the first D step.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-    ema = ModelEMA(generator)
+    ema = ModelEMA(generator) if lora is None else AdapterEMA(generator)  # LoRA: the generator's adapter only
+    # LoRA: checkpoints hold the adapters, D's head and their AdamW states, never the base.
+    trained = register_adapter_checkpoints(accelerator, generator, discriminator) if lora is not None else None
     rng = noise_generator(accelerator, args.seed)
     shift = args.timestep_shift if args.timestep_shift is not None else float(pipeline.scheduler.config.get("shift", ZIMAGE_TIME_SHIFT))
     train_step = ZImageCAFMTrainingStep(
@@ -323,7 +405,7 @@ def train(args: argparse.Namespace) -> str:
                                        max_sequence_length=args.max_sequence_length)
 
     # 5. Resume, trackers
-    check_free_space(accelerator, args.output_dir, resume_path, [generator, discriminator], [ema])  # room for a checkpoint
+    check_free_space(accelerator, args.output_dir, resume_path, trained or [generator, discriminator], [ema])  # room for a checkpoint
     checkpoints = CheckpointIO(accelerator, ema=ema, noise_generator=rng, settings=settings(args))
     global_step = 0
     if resume_path is not None:
@@ -366,7 +448,9 @@ def train(args: argparse.Namespace) -> str:
     # 7. A stock ZImagePipeline folder (the EMA generator), the discriminator, samples and a model card
     accelerator.wait_for_everyone()
     ema_model, final_discriminator = ema.full_model(accelerator.device), gather_model(discriminator)  # every process
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and lora is not None:
+        save_lora_output(args, accelerator, pipeline, ema_model, discriminator, trained[1].names, folder, prompts, global_step)
+    elif accelerator.is_main_process:
         grid = validation_images(args, accelerator, pipeline, ema_model, prompts)
         save_zimage_pipeline(args.output_dir, ema_model, final_discriminator, folder)
         save_image(grid, os.path.join(args.output_dir, "samples.png"))

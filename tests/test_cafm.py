@@ -360,15 +360,17 @@ def test_every_flow_trainer_flag_has_help_and_shows_its_default():
         assert "(default:" in parser.format_help(), module.__name__
 
 
-def test_cafm_two_processes(flow_run, tmp_path):
-    """DDP with 2 CPU processes: D steps (the JVP inside DDP's forward) and G steps keep both ranks' weights equal."""
+@pytest.mark.parametrize("extra", [[], ["--lora_rank", "4", "--merge_lora"]], ids=["full", "lora"])
+def test_cafm_two_processes(flow_run, tmp_path, extra):
+    """DDP with 2 CPU processes: D steps (the JVP inside DDP's forward) and G steps keep both ranks' weights
+    equal; with LoRA, the adapters over the shared frozen base too."""
     out = tmp_path / "run"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29531 + bool(extra)),
            str(REPO / "examples" / "train_cafm.py"), "--output_dir", str(out), "--pretrained_model_name_or_path",
            str(flow_run), "--train_batch_size", "8", "--max_train_steps", "5", "--warmup_steps", "2",
-           "--num_discriminator_steps", "1", "--report_to", "none", "--num_validation_images", "1"]
+           "--num_discriminator_steps", "1", "--report_to", "none", "--num_validation_images", "1", *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line.split("weight sums ")[1] for line in result.stderr.splitlines() if "finished: step 5" in line]

@@ -5,6 +5,7 @@ import ast
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO
@@ -131,6 +132,20 @@ def test_a_process_takes_the_threads_of_its_cores_and_omp_num_threads_wins(monke
             assert run.set_cpu_threads() == (threads, reason)  # decided once per process
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="the busy-core measure reads Linux's /proc/stat")
+def test_a_job_running_now_counts_as_a_busy_core():
+    """Measured over the present moment (the load average lags by minutes in both directions)."""
+    from diffusers_afm.training.run import other_cpu_load
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # running, not starting
+        assert other_cpu_load() >= 1
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 # ----------------------------------------------------------------------------- the log of a run

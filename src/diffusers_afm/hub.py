@@ -306,6 +306,21 @@ def save_model_card(folder: str, **kwargs) -> str:
     return path
 
 
+# The end of every CAFM card (text-to-image, LoRA): the run's settings when known, then the citation.
+CAFM_CARD_FOOTER = """{% if training_settings %}
+## Training settings
+
+```json
+{{ training_settings }}
+```
+{% endif %}
+## Citation
+
+Continuous Adversarial Flow Models, Lin, Yang, Lin, Chen and Fan, 2026 ([arXiv 2604.11521]({{ cafm_paper_url }})),
+trained with [diffusers-afm]({{ project_url }}).
+"""
+
+
 TEXT_TO_IMAGE_TEMPLATE = """---
 {{ card_data }}
 ---
@@ -327,18 +342,7 @@ from diffusers import ZImagePipeline
 pipe = ZImagePipeline.from_pretrained("{{ repo_id }}", dtype=torch.bfloat16).to("cuda")
 image = pipe({{ example_prompt }}, height={{ resolution }}, width={{ resolution }}, num_inference_steps=50, guidance_scale=4.0).images[0]
 ```
-{% if training_settings %}
-## Training settings
-
-```json
-{{ training_settings }}
-```
-{% endif %}
-## Citation
-
-Continuous Adversarial Flow Models, Lin, Yang, Lin, Chen and Fan, 2026 ([arXiv 2604.11521]({{ cafm_paper_url }})),
-trained with [diffusers-afm]({{ project_url }}).
-"""
+""" + CAFM_CARD_FOOTER
 
 
 def save_text_to_image_model_card(folder: str, *, repo_id: Optional[str] = None, base_model: Optional[str] = None,
@@ -363,6 +367,83 @@ def save_text_to_image_model_card(folder: str, *, repo_id: Optional[str] = None,
     )
     tags = ["diffusers"] + (["diffusers-training"] if training_settings else [])
     tags += ["text-to-image", "z-image", "flow-matching", "continuous-adversarial-flow-models"]
+    card = populate_model_card(card, tags=tags)
+    path = os.path.join(folder, "README.md")
+    with atomic_file(path, "wb") as f:
+        f.write(str(card).encode("utf-8"))
+    return path
+
+
+LORA_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ summary }}
+{% if sample_grid %}
+![samples]({{ sample_grid }})
+{% endif %}
+## Use
+
+`{{ weight_name }}` is a LoRA adapter of the transformer of `{{ base_name }}`, in diffusers' layout
+(peft is diffusers' LoRA backend: `pip install peft`).
+
+```python
+{{ snippet }}
+```
+
+`discriminator_lora.safetensors` holds the discriminator's adapter and head: pass this folder as
+`--discriminator` to continue the adversarial post-training.
+""" + CAFM_CARD_FOOTER
+
+
+def lora_snippet(base_model: str, repo_id: str, text_to_image: bool, num_classes: int = 1, resolution: int = 1024,
+                 example_prompt: str = "a photo of a cat") -> str:
+    """How a user samples with the adapter: diffusers' `load_lora_weights` for a `ZImagePipeline`;
+    for an `AFMPipeline` (no LoRA loader of its own) the transformer's PEFT integration,
+    `load_lora_adapter`, which reads the same file."""
+    if text_to_image:
+        return ("import torch\nfrom diffusers import ZImagePipeline\n\n"
+                f"pipe = ZImagePipeline.from_pretrained({json.dumps(base_model)}, dtype=torch.bfloat16).to(\"cuda\")\n"
+                f"pipe.load_lora_weights({json.dumps(repo_id)})\n"
+                f"image = pipe({json.dumps(example_prompt)}, height={resolution}, width={resolution}, "
+                "num_inference_steps=50, guidance_scale=4.0).images[0]")
+    labels = sorted({i * num_classes // 3 for i in range(min(3, num_classes))}) if num_classes > 1 else None
+    call = f"class_labels={labels}, " if labels else "batch_size=4, "
+    return ("import torch\nfrom diffusers_afm import AFMPipeline\n\n"
+            f"pipe = AFMPipeline.from_pretrained({json.dumps(base_model)})\n"
+            f"pipe.transformer.load_lora_adapter({json.dumps(repo_id)}, weight_name=\"pytorch_lora_weights.safetensors\", "
+            "prefix=\"transformer\")\n"
+            f"images = pipe({call}num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images")
+
+
+def save_lora_model_card(folder: str, *, base_model: str, snippet: str, text_to_image: bool,
+                         repo_id: Optional[str] = None, dataset: Optional[str] = None,
+                         training_settings: Optional[Dict[str, Any]] = None, sample_grid: Optional[str] = None,
+                         description: Optional[str] = None, license: Optional[str] = "apache-2.0",
+                         weight_name: str = "pytorch_lora_weights.safetensors") -> str:
+    """The README.md of a CAFM-LoRA run's folder (atomically): `base_model` in the metadata where it
+    is a Hub id (and named in the text either way), the `lora` tag, and `snippet` (`lora_snippet`).
+    Returns its path."""
+    if sample_grid is not None and not os.path.isfile(os.path.join(folder, sample_grid)):
+        raise FileNotFoundError(f"`sample_grid`: no file {sample_grid!r} in {folder!r}.")
+    repo_id = repo_id or os.path.basename(os.path.abspath(folder))
+    card_data = ModelCardData(license=license, base_model=hub_model_id(base_model),
+                              pipeline_tag="text-to-image" if text_to_image else None,
+                              datasets=[dataset] if dataset and _is_hub_dataset(dataset) else None)
+    base_name = hub_model_id(base_model) or os.path.basename(os.path.normpath(base_model))
+    summary = (f"A LoRA adapter post-trained with Continuous Adversarial Flow Models{f' on {dataset}' if dataset else ''}."
+               f"{_base_model_text(base_model, cafm=True)} {description or ''}").strip()
+    card = ModelCard.from_template(
+        card_data, template_str=LORA_TEMPLATE, model_name=repo_id.rstrip("/").rsplit("/", 1)[-1], summary=summary,
+        sample_grid=sample_grid, weight_name=weight_name, base_name=base_name, snippet=snippet, project_url=PROJECT_URL,
+        cafm_paper_url=CAFM_PAPER_URL,
+        training_settings=json.dumps(training_settings, indent=2, sort_keys=True, default=str) if training_settings else None,
+    )
+    tags = ["diffusers"] + (["diffusers-training"] if training_settings else []) + ["lora"]
+    tags += (["text-to-image", "z-image"] if text_to_image else ["class-conditional"])
+    tags += ["flow-matching", "continuous-adversarial-flow-models"]
     card = populate_model_card(card, tags=tags)
     path = os.path.join(folder, "README.md")
     with atomic_file(path, "wb") as f:

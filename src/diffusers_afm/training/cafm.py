@@ -195,12 +195,17 @@ class CAFMTrainingStep:
         return logs
 
     def generator_step(self, x0, labels, noise, t) -> Dict[str, torch.Tensor]:
-        critic = without_ddp(self.discriminator).requires_grad_(False)
+        critic = without_ddp(self.discriminator)
+        # Only what D trains is unfrozen afterwards: under LoRA its trunk is the generator's frozen
+        # base (training/lora.py), which must stay frozen for both networks.
+        trained = [p for p in critic.parameters() if p.requires_grad]
+        critic.requires_grad_(False)
         try:
             loss, logs, _ = self.generator_objective(x0, labels, noise, t)
             self.accelerator.backward(loss)
         finally:
-            critic.requires_grad_(True)
+            for p in trained:
+                p.requires_grad_(True)
         optimizer_update(self.accelerator, self.generator, self.optimizer_g, self.max_grad_norm_g, logs, "grad_norm_g")
         return logs
 

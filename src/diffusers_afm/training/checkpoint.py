@@ -112,6 +112,7 @@ FREE_SETTINGS = frozenset({
     "validation_solver", "validation_guidance_scale", "validation_prompt",
     "eval_steps", "eval_num_samples", "eval_batch_size", "eval_reference", "eval_feature_extractor",
     "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token", "standalone_hub_files",
+    "merge_lora",  # the form of the final output (an adapter or the fused model), not what is learned
 })
 
 
