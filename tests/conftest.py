@@ -12,6 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One CPU thread count for the whole suite and the scripts it runs in subprocesses. Kernels round
+# differently with the thread count, and a trainer run in this process would otherwise choose its
+# count from the machine's load at that moment (`training.run.set_cpu_threads`), so a bit-for-bit
+# comparison with a subprocess would depend on what else the machine was running.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 REPO = Path(__file__).resolve().parents[1]
 
