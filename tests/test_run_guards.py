@@ -152,7 +152,9 @@ def _full_disk_injection(monkeypatch, library):
         real = torch.save
 
         def save(obj, f, *args, **kwargs):
-            if ".checkpoint-4.tmp" in str(getattr(f, "name", f)):
+            # Accelerate passes a Path (whose `.name` is only the file's name); a file object has the path in `.name`.
+            path = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "")
+            if ".checkpoint-4.tmp" in str(path):
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 268352 vs 268240")
             return real(obj, f, *args, **kwargs)
 
