@@ -175,7 +175,10 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, mo
             _train(out, "--max_train_steps", "4", "--checkpointing_steps", "2")
         text = str(info.value)
         assert "\n" not in text and type(info.value.__cause__).__name__ == raised
-        assert text.startswith(f"Saving checkpoint-4 in {out} failed, the disk is full ({raised}")
+        # torch.save's words ("unexpected pos") name no cause: it is a full disk when the disk is really
+        # full; injected on a disk with room, it is a failed write (the same line, the same clean-up).
+        cause = "the disk is full" if mounted or library == "safetensors" else "writing failed"
+        assert text.startswith(f"Saving checkpoint-4 in {out} failed, {cause} ({raised}")
         assert "a checkpoint of this run takes" in text and text.endswith(f"{out / 'checkpoint-2'} and is untouched")
         assert not (out / ".checkpoint-4.tmp").exists()  # the partial save is removed
         assert [os.path.basename(p) for p in list_checkpoints(out)] == ["checkpoint-2"]
