@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, format_table, trunk, write_json  # noqa: E402
 
-H100, H200 = 80e9 / 2**30, 141e9 / 2**30  # the GPUs' memory in GiB (80 GB, 141 GB)
 ZIMAGE = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
               n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
               t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
@@ -67,7 +66,7 @@ def recipes():
 
 
 def plans():
-    from diffusers_afm.training.memory import PROCESS_COUNTS, memory_plan
+    from diffusers_afm.training.memory import GPU_MEMORY_GIB, PROCESS_COUNTS, fits, memory_plan
 
     rows, parts = [], {}
     for name, trained, ema, frozen in recipes():
@@ -75,12 +74,9 @@ def plans():
         parts[name] = plan
         for strategy in ("ddp", "fsdp2"):
             for n in PROCESS_COUNTS:
-                if strategy == "ddp" and n > 1 and plan["per_gpu_gib"]["ddp"][n] == plan["per_gpu_gib"]["ddp"][1]:
-                    gib = plan["per_gpu_gib"]["ddp"][n]
-                else:
-                    gib = plan["per_gpu_gib"][strategy][n]
+                gib = plan["per_gpu_gib"][strategy][n]
                 rows.append({"recipe": name, "strategy": strategy, "GPUs": n, "GiB per GPU": gib,
-                             "fits 80 GB": "yes" if gib < H100 else "no", "fits 141 GB": "yes" if gib < H200 else "no"})
+                             **{f"fits {gpu}": "yes" if fits(gib, memory) else "no" for gpu, memory in GPU_MEMORY_GIB.items()}})
     return rows, parts
 
 

@@ -28,17 +28,13 @@ from quality_digits import measure  # noqa: E402
 
 
 def adapter_parameters(flow_dir: str, rank: int) -> int:
-    """The generator adapter's parameter count at `rank`: r * (in + out) for each adapted linear layer
-    (train_cafm.py's default targets)."""
-    import torch.nn as nn
-
+    """The generator adapter's parameter count at `rank` (train_cafm.py's default targets)."""
     from diffusers_afm import AFMPipeline
-    from diffusers_afm.training.lora import LoRASettings, matches_target
+    from diffusers_afm.training.lora import LoRASettings
+    from diffusers_afm.training.memory import adapter_parameter_count
 
     model = AFMPipeline.from_pretrained(flow_dir).transformer
-    targets = LoRASettings(lora_rank=rank).target_modules(model)
-    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and any(matches_target(name, t) for t in targets))
+    return adapter_parameter_count(model, rank, LoRASettings(lora_rank=rank).target_modules(model))
 
 
 def main(argv=None):

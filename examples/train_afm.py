@@ -60,8 +60,8 @@ from diffusers_afm.training.output_dir import check_free_space, start_run
 from diffusers_afm.training.distributed import gather_model, prepare_network, restore, snapshot
 from diffusers_afm.training.memory import plan_summary
 from diffusers_afm.training.loop import NonFiniteLossError, Throughput, epoch_batches, host_values, noise_generator
-from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_peak_memory
-from diffusers_afm.utils import check_setting, parse_nfe, save_image, settings_from_flags
+from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_peak_memory, save_validation_grid
+from diffusers_afm.utils import check_setting, parse_nfe, settings_from_flags
 
 __all__ = ["NonFiniteLossError", "main", "parse_args", "settings", "train"]  # what the tests and users import
 
@@ -424,8 +424,7 @@ def train(args: argparse.Namespace) -> str:
             ema_model = ema.full_model(accelerator.device)  # every process: it gathers the shards under FSDP
             if accelerator.is_main_process:
                 grid = sample_grid(args, ema_model, data)
-                save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
-                log_image(accelerator, grid, global_step)
+                save_validation_grid(accelerator, grid, args.output_dir, global_step)
         if evaluation is not None and global_step % args.eval_steps == 0:
             # On every process: the samples are sharded and their features gathered.
             evaluate, extractor, reference = evaluation

@@ -71,7 +71,13 @@ from diffusers_afm.training.lora import (
 from diffusers_afm.training.memory import lora_plan_summary, plan_summary
 from diffusers_afm.training.output_dir import check_free_space, start_run
 from diffusers_afm.training.loop import Throughput, epoch_batches, host_values, noise_generator
-from diffusers_afm.training.run import ValidationConfig, init_trackers, log_image, log_peak_memory, log_weight_sums
+from diffusers_afm.training.run import (
+    ValidationConfig,
+    init_trackers,
+    log_peak_memory,
+    log_weight_sums,
+    save_validation_grid,
+)
 from diffusers_afm.utils import SettingError, check_setting, save_image, settings_from_flags
 
 logger = get_logger(__name__)
@@ -380,8 +386,7 @@ def train(args: argparse.Namespace) -> str:
             ema_model = ema.full_model(accelerator.device)  # every process: it gathers the shards under FSDP
             if accelerator.is_main_process:
                 grid = sample_grid(args, ema_model, data)
-                save_image(grid, os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
-                log_image(accelerator, grid, global_step)
+                save_validation_grid(accelerator, grid, args.output_dir, global_step)
     progress.close()
     log_peak_memory(accelerator)
     # Under DDP every rank must hold the same weights: the log shows each rank's sums (the tests compare them).

@@ -26,8 +26,9 @@ CAFM_PAPER_URL = "https://arxiv.org/abs/2604.11521"
 FLOW_MODEL_CLASS = "FlowMatchingTransformer2DModel"
 JIT_MODEL_CLASS = "JiTTransformer2DModel"  # a flow model too, with JiT's own sampler (docs/cafm.md, "JiT")
 
-# A Jinja template (huggingface_hub renders it); `card_data` is the YAML metadata block.
-CARD_TEMPLATE = """---
+# Jinja templates (huggingface_hub renders them); `card_data` is the YAML metadata block. Every card
+# opens the same way: metadata, name, summary, the sample grid, then "Use".
+CARD_HEADER = """---
 {{ card_data }}
 ---
 
@@ -38,7 +39,9 @@ CARD_TEMPLATE = """---
 ![samples]({{ sample_grid }})
 {% endif %}
 ## Use
+"""
 
+CARD_TEMPLATE = CARD_HEADER + """
 With [diffusers-afm]({{ project_url }}) installed (`pip install git+{{ project_url }}`):
 
 ```python
@@ -321,18 +324,7 @@ trained with [diffusers-afm]({{ project_url }}).
 """
 
 
-TEXT_TO_IMAGE_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-{{ summary }}
-{% if sample_grid %}
-![samples]({{ sample_grid }})
-{% endif %}
-## Use
-
+TEXT_TO_IMAGE_TEMPLATE = CARD_HEADER + """
 The generator is a stock `ZImageTransformer2DModel`: diffusers alone samples from it.
 
 ```python
@@ -374,18 +366,7 @@ def save_text_to_image_model_card(folder: str, *, repo_id: Optional[str] = None,
     return path
 
 
-LORA_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-{{ summary }}
-{% if sample_grid %}
-![samples]({{ sample_grid }})
-{% endif %}
-## Use
-
+LORA_TEMPLATE = CARD_HEADER + """
 `{{ weight_name }}` is a LoRA adapter of the transformer of `{{ base_name }}`, in diffusers' layout
 (peft is diffusers' LoRA backend: `pip install peft`).
 

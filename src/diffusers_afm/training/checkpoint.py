@@ -287,7 +287,7 @@ def verify_checkpoint(path: str) -> Dict:
 # torch.distributed.checkpoint writes a folder per sharded state (Accelerate's `pytorch_model_fsdp_<i>/`
 # and `optimizer_<i>/`, our `ema/`): `.distcp` files of the shards and a `.metadata` index. torch
 # reads the index with plain `pickle.load`, and each non-tensor item (an optimizer's param groups,
-# say) with `torch.load(weights_only=False)`: a crafted checkpoint would run code on resume. So the
+# say) with `torch.load` and its weights-only guard off: a crafted checkpoint would run code on resume. So the
 # index is read here with an unpickler that builds only the index's own classes, and every
 # non-tensor item is scanned for the globals its pickle needs, before torch reads anything.
 DCP_INDEX = ".metadata"

@@ -321,30 +321,29 @@ def save_lora_weights(folder: str, model: nn.Module, prefix: str = PREFIX) -> st
     """`folder/pytorch_lora_weights.safetensors` (atomically): the adapter of `model` (the EMA
     generator) with `prefix.` keys and the adapter config in the metadata, the file diffusers'
     `save_lora_weights` writes and `load_lora_weights` / `load_lora_adapter` read. Returns its path."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from safetensors.torch import save
-
     layers = {f"{prefix}.{k}": v for k, v in lora_layers(model).items()}
     config = {f"{prefix}.{k}": v for k, v in adapter_metadata(model).items()}
-    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
-    path = os.path.join(folder, LORA_WEIGHT_NAME)
-    with atomic_file(path) as f:
-        f.write(save(layers, metadata=metadata))
-    return path
+    return _write_adapter_file(os.path.join(folder, LORA_WEIGHT_NAME), layers, json.dumps(config, indent=2, sort_keys=True))
 
 
 def save_discriminator_adapter(folder: str, discriminator: nn.Module, names: Sequence[str]) -> str:
     """`folder/discriminator_lora.safetensors` (atomically): the discriminator's trained tensors
     (`names`: its adapter, token and head) by their module names, with the LoRA settings in the
     metadata; `--discriminator <that folder>` continues from it. Returns its path."""
-    from safetensors.torch import save
-
     params = dict(unwrap(discriminator).named_parameters())
     tensors = {name: params[name].detach().to("cpu").contiguous() for name in names}
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_metadata(discriminator), sort_keys=True)}
-    path = os.path.join(folder, DISCRIMINATOR_WEIGHT_NAME)
+    return _write_adapter_file(os.path.join(folder, DISCRIMINATOR_WEIGHT_NAME), tensors,
+                               json.dumps(adapter_metadata(discriminator), sort_keys=True))
+
+
+def _write_adapter_file(path: str, tensors: Dict[str, torch.Tensor], config_json: str) -> str:
+    """A safetensors file of adapter tensors with their LoRA config under diffusers' metadata key,
+    written atomically; returns `path`."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors.torch import save
+
     with atomic_file(path) as f:
-        f.write(save(tensors, metadata=metadata))
+        f.write(save(tensors, metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: config_json}))
     return path
 
 

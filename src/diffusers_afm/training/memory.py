@@ -130,14 +130,22 @@ def lora_parameter_counts(generator: nn.Module, discriminator: nn.Module, settin
     base (held once: the discriminator's trunk is the generator's tensors), each adapter (r (in + out)
     per adapted linear layer) and the discriminator's own head and token (its parameters the
     generator lacks, by name and shape)."""
-    def adapter(model):
-        return sum(settings.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in settings.target_modules(generator)))
-
+    targets = settings.target_modules(generator)  # the discriminator's trunk has the generator's names
     theirs = {name: p.shape for name, p in generator.named_parameters()}
     head = sum(p.numel() for name, p in discriminator.named_parameters() if theirs.get(name) != p.shape)
-    return {"base": sum(p.numel() for p in generator.parameters()), "generator_adapter": adapter(generator),
-            "discriminator_adapter": adapter(discriminator), "discriminator_head": head}
+    return {"base": sum(p.numel() for p in generator.parameters()),
+            "generator_adapter": adapter_parameter_count(generator, settings.lora_rank, targets),
+            "discriminator_adapter": adapter_parameter_count(discriminator, settings.lora_rank, targets),
+            "discriminator_head": head}
+
+
+def adapter_parameter_count(model: nn.Module, rank: int, targets: Sequence[str]) -> int:
+    """The parameters of a rank-`rank` adapter of `model`'s linear layers named by `targets`:
+    r (in + out) per layer (A is r x in, B is out x r)."""
+    from .lora import matches_target
+
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and any(matches_target(name, t) for t in targets))
 
 
 def lora_memory_plan(generator: nn.Module, discriminator: nn.Module, settings,

@@ -313,6 +313,14 @@ def log_image(accelerator, image, step: int, name: str = "samples") -> None:
             tracker.log({name: wandb.Image(image)}, step=step)
 
 
+def save_validation_grid(accelerator, grid, output_dir: str, step: int) -> None:
+    """A validation grid of step `step`: `samples/step_<step>.png` in the output folder, and to the trackers."""
+    from ..utils import save_image
+
+    save_image(grid, os.path.join(output_dir, "samples", f"step_{step:07d}.png"))
+    log_image(accelerator, grid, step)
+
+
 def log_peak_memory(accelerator) -> None:
     """The accelerator's memory peak of this process, at the end of a run (GPUs only): what the
     memory plan of docs/training.md predicts."""
